@@ -1,0 +1,1 @@
+"""Reproduction of 'Don't ignore Dropout in Fully Convolutional Networks' (Spilsbury & Camps, 2019)."""

@@ -1,0 +1,113 @@
+"""Start-up validation of the composed config: every bad value fails before any work, in one line.
+
+Hydra already rejects unknown keys (struct mode) and unknown group options (listing the available ones);
+this checks the values inside the groups.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+DROPOUTS = ("none", "channel", "dropblock", "uout")
+RESNET_SITES = ("blocks", "stages", "first_block")
+SPP_SITES = ("output", "branches")
+SCHEDULES = ("constant", "linear")
+GRANULARITIES = ("iteration", "epoch")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+VAL_CROPS = ("center", "full")
+MONITORS = ("miou", "pixel_acc", "per_image_miou_mean")
+RESUME = ("auto", "never")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+
+def _check(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+
+
+def _one_of(key: str, value, allowed: Iterable) -> None:
+    allowed = tuple(allowed)
+    _check(value in allowed, key, value, "one of " + ", ".join(map(str, allowed)))
+
+
+def _number(key: str, value, low: float, high: float | None = None, *, low_open=False, integer=False) -> None:
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    ok = ok and not isinstance(value, bool)
+    rng = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' if high is None else ']'}"
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    _check(ok, key, value, f"{kind} in {rng}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid value in a composed train/eval config."""
+    m = cfg.model
+    _one_of("model.backbone", m.backbone, BACKBONES)
+    _one_of("model.output_stride", m.output_stride, (8, 16))
+    pre = m.pretrained
+    if pre not in ("imagenet", "none") and not Path(str(pre)).is_file():
+        raise ConfigError(f"model.pretrained={pre!r} is invalid: expected imagenet, none or an existing file")
+    _number("model.num_classes", m.num_classes, 2, integer=True)
+
+    d = cfg.data
+    _number("data.fraction", d.fraction, 0, 1, low_open=True)
+    _number("data.split_seed", d.split_seed, 0, integer=True)
+    _number("data.crop_size", d.crop_size, 1, integer=True)
+    _number("data.base_size", d.base_size, 1, integer=True)
+    _one_of("data.val_crop", d.val_crop, VAL_CROPS)
+    lo, hi = d.scale_range
+    _check(0 < lo <= hi, "data.scale_range", list(d.scale_range), "[min, max] with 0 < min <= max")
+    lo, hi = d.blur_radius
+    _check(0 <= lo <= hi, "data.blur_radius", list(d.blur_radius), "[min, max] with 0 <= min <= max")
+    _number("data.flip_p", d.flip_p, 0, 1)
+    _number("data.blur_p", d.blur_p, 0, 1)
+
+    _one_of("dropout.name", cfg.dropout.name, DROPOUTS)
+    _number("dropout.p", cfg.dropout.p, 0, 1)
+    _check(cfg.dropout.p < 1, "dropout.p", cfg.dropout.p, "a number in [0, 1)")
+    _number("dropout.block_size", cfg.dropout.block_size, 1, integer=True)
+
+    pl = cfg.placement
+    _one_of("placement.resnet_sites", pl.resnet_sites, RESNET_SITES)
+    _one_of("placement.spp_sites", pl.spp_sites, SPP_SITES)
+    stages = list(pl.resnet_stages)
+    _check(bool(stages) and set(stages) <= {1, 2, 3, 4} and len(set(stages)) == len(stages),
+           "placement.resnet_stages", stages, "a non-empty list of distinct stages from 1, 2, 3, 4")
+
+    _one_of("schedule.name", cfg.schedule.name, SCHEDULES)
+    _one_of("schedule.granularity", cfg.schedule.granularity, GRANULARITIES)
+    _number("schedule.ramp_epochs", cfg.schedule.ramp_epochs, 0)
+    if cfg.schedule.name == "linear":
+        _number("schedule.ramp_epochs", cfg.schedule.ramp_epochs, 0, low_open=True)
+
+    o = cfg.optim
+    _number("optim.lr", o.lr, 0, low_open=True)
+    _number("optim.head_lr_mult", o.head_lr_mult, 0, low_open=True)
+    _number("optim.momentum", o.momentum, 0, 1)
+    _number("optim.weight_decay", o.weight_decay, 0)
+    _number("optim.poly_power", o.poly_power, 0)
+
+    t = cfg.trainer
+    _number("trainer.epochs", t.epochs, 1, integer=True)
+    _number("trainer.batch_size", t.batch_size, 1, integer=True)
+    _number("trainer.val_batch_size", t.val_batch_size, 1, integer=True)
+    _number("trainer.num_workers", t.num_workers, 0, integer=True)
+    _number("trainer.eval_every", t.eval_every, 1, integer=True)
+    _check(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(t.device))), "trainer.device", t.device,
+           "auto, cpu, cuda or cuda:N")
+    _one_of("trainer.precision", t.precision, PRECISIONS)
+    _one_of("trainer.channels_last", t.channels_last, ("auto", True, False))
+    _one_of("trainer.monitor", t.monitor, MONITORS)
+    _one_of("trainer.resume", t.resume, RESUME)
+    _one_of("trainer.progress", t.progress, ("auto", True, False))
+    for key in ("max_train_steps", "max_val_images"):
+        if t[key] is not None:
+            _number(f"trainer.{key}", t[key], 1, integer=True)
+    _number("seed", cfg.seed, 0, integer=True)

@@ -1,0 +1,225 @@
+"""The runner end to end on a tiny generated VOC-format dataset: results.json, TensorBoard, checkpoints,
+LR/ramp schedules, determinism, exact resume, the 16-cell multirun and bad-input handling."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_cfg
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from deeplab_dropout import train as train_mod
+from deeplab_dropout.data.synth import generate
+from deeplab_dropout.results import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "miou", "pixel_acc", "class_iou", "per_image_miou", "lr",
+                "drop_p", "seconds"}
+SMALL = ["data.base_size=40", "data.crop_size=33", "trainer.batch_size=2", "trainer.val_batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def voc_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, n_train=24, n_val=6, seed=0, min_side=40, max_side=56)
+    return root
+
+
+def tiny_cfg(voc_root: Path, *overrides: str):
+    return compose_cfg([*TINY, "data=synthetic", f"data.root={voc_root}", "data.synth=null", *SMALL,
+                        *overrides])
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def metrics_only(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
+
+def test_single_run_leaves_results_tensorboard_checkpoints(voc_root, tmp_path):
+    cfg = tiny_cfg(voc_root, "cell=upper-chandrop", "schedule=linear", "schedule.ramp_epochs=2",
+                   "trainer.epochs=3")
+    train_mod.run(cfg, tmp_path)
+    res = read_results(tmp_path)
+
+    assert res["status"] == "completed" and res["cell"] == "upper-chandrop"
+    assert res["config"]["dropout"]["name"] == "channel" and res["config"]["placement"]["name"] == "upper"
+    manifest = json.loads(Path(res["split"]["manifest"]).read_text())
+    assert res["split"]["sha256"] == manifest["sha256"] and res["split"]["per_class"] == manifest["per_class"]
+    assert [e["epoch"] for e in res["history"]] == [1, 2, 3]
+    for entry in res["history"]:
+        assert HISTORY_KEYS <= entry.keys()
+        assert len(entry["class_iou"]) == 21
+        assert set(entry["per_image_miou"]) == {"mean", "std", "min", "median", "max"}
+        assert 0 <= entry["miou"] <= 1 and 0 <= entry["pixel_acc"] <= 1
+    best = max(res["history"], key=lambda e: e["miou"])
+    assert res["best_epoch"] == best["epoch"] and res["best"] == best
+
+    # Poly LR on both groups and the linear ramp, recomputed from the formulas at each epoch's last step.
+    n_train = res["split"]["n_images"]
+    steps = n_train // 2  # drop_last with batch 2
+    max_it = 3 * steps
+    for entry in res["history"]:
+        it = entry["epoch"] * steps - 1
+        assert entry["lr"] == pytest.approx(0.007 * (1 - it / max_it) ** 0.9, rel=1e-12)
+        assert entry["lr_head"] == pytest.approx(0.07 * (1 - it / max_it) ** 0.9, rel=1e-12)
+        assert entry["drop_p"] == pytest.approx(0.2 * min(1.0, it / (2 * steps)), rel=1e-12)
+
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    for tag in ("train/loss", "val/loss", "val/miou", "val/pixel_acc", "lr", "drop_p"):
+        assert tag in tags["scalars"]
+        assert [ev.step for ev in ea.Scalars(tag)] == [1, 2, 3]
+    assert [ev.value for ev in ea.Scalars("val/miou")] == pytest.approx([e["miou"] for e in res["history"]])
+    assert tags["images"], "no image summaries"
+    assert any(t.startswith("val/best_image") for t in tags["images"])
+    hparams = ea.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in hparams and "_hparams_/session_start_info" in hparams
+
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    best_ckpt = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert last["epoch"] == 3 and best_ckpt["epoch"] == res["best_epoch"]
+    assert set(last["model"]) == set(best_ckpt["model"])
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_same_seed_same_numbers_other_seed_differs(voc_root, tmp_path):
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = tiny_cfg(voc_root, "cell=all-dropblock", "trainer.epochs=1", f"seed={seed}")
+        train_mod.run(cfg, tmp_path / name)
+        runs.append(metrics_only(read_results(tmp_path / name)["history"]))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_resume_after_interrupt_matches_uninterrupted(voc_root, tmp_path, monkeypatch):
+    overrides = ("cell=spp-uout", "schedule=linear", "schedule.ramp_epochs=2", "trainer.epochs=3")
+    train_mod.run(tiny_cfg(voc_root, *overrides), tmp_path / "straight")
+    straight = read_results(tmp_path / "straight")
+
+    real = train_mod.train_one_epoch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(tiny_cfg(voc_root, *overrides), tmp_path / "resumed")
+    cut = read_results(tmp_path / "resumed")
+    assert cut["status"] == "failed" and len(cut["history"]) == 1 and "KeyboardInterrupt" in cut["error"]
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    train_mod.run(tiny_cfg(voc_root, *overrides, "trainer.resume=auto"), tmp_path / "resumed")
+    resumed = read_results(tmp_path / "resumed")
+    assert resumed["status"] == "completed"
+    assert metrics_only(resumed["history"]) == metrics_only(straight["history"])
+    a = load_checkpoint(tmp_path / "straight/checkpoints/last.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_config_and_never(voc_root, tmp_path):
+    train_mod.run(tiny_cfg(voc_root, "trainer.epochs=1"), tmp_path)
+    before = (tmp_path / "results.json").read_bytes()
+    with pytest.raises(train_mod.InputError, match="dropout.name"):
+        train_mod.run(tiny_cfg(voc_root, "trainer.epochs=1", "cell=spp-uout"), tmp_path)
+    with pytest.raises(train_mod.InputError, match="trainer.resume=never"):
+        train_mod.run(tiny_cfg(voc_root, "trainer.epochs=1", "trainer.resume=never"), tmp_path)
+    assert (tmp_path / "results.json").read_bytes() == before
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "deeplab_dropout.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_multirun_16_cells_by_2_schedules(voc_root, tmp_path):
+    proc = run_cli("-m", "cell=glob(*)", "schedule=constant,linear", *TINY, "data=synthetic",
+                   f"data.root={voc_root}", "data.synth=null", *SMALL, "trainer.epochs=1",
+                   "trainer.max_train_steps=1", "trainer.max_val_images=2", f"hydra.sweep.dir={tmp_path}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(tmp_path.glob("*/results.json"))
+    assert len(results) == 32
+    seen = set()
+    for path in results:
+        res = json.loads(path.read_text())
+        assert res["status"] == "completed"
+        schedule = res["config"]["schedule"]["name"]
+        # Directories are named by the overrides that matter, like the paper's tables.
+        assert path.parent.name == f"cell={res['cell']},schedule={schedule}"
+        seen.add((res["cell"], schedule))
+    assert len(seen) == 32
+    assert (tmp_path / "report.md").is_file() and "upper-dropblock" in proc.stdout
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("dropout.p=1.5", "dropout.p"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("model.output_stride=32", "model.output_stride"),
+    ("data.root=/nonexistent/voc", "/nonexistent/voc"),
+])
+def test_bad_input_is_one_line_and_exit_2(voc_root, tmp_path, override, needle):
+    proc = run_cli(*TINY, "data=synthetic", f"data.root={voc_root}", "data.synth=null", *SMALL, override,
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], proc.stderr
+
+
+def test_wrong_group_option_lists_choices(tmp_path):
+    proc = run_cli("dropout=dropblok", cwd=tmp_path)
+    assert proc.returncode != 0 and "channel" in proc.stderr and "dropblock" in proc.stderr
+
+
+def constant_background_miou(val_ds) -> float:
+    from deeplab_dropout.metrics import SegmentationMetrics
+    metrics = SegmentationMetrics()
+    for i in range(len(val_ds)):
+        _, target = val_ds[i]
+        metrics.update(torch.zeros_like(target), target)
+    return metrics.compute()["miou"]
+
+
+def learns(voc_root: Path, tmp_path: Path, *overrides: str) -> tuple[float, float]:
+    cfg = tiny_cfg(voc_root, *overrides)
+    best = train_mod.run(cfg, tmp_path)
+    from deeplab_dropout.data import get_datasets
+    _, val_ds, _ = get_datasets(cfg.data)
+    return best, constant_background_miou(val_ds)
+
+
+def test_tiny_training_beats_constant_background(voc_root, tmp_path):
+    best, baseline = learns(voc_root, tmp_path, "data.fraction=1.0", "trainer.epochs=6", "optim.lr=0.02")
+    assert not math.isnan(best)
+    assert best >= 2 * baseline, (best, baseline)
+
+
+@pytest.mark.slow
+def test_demo_none_cell_learns(tmp_path):
+    demo = compose_cfg(["experiment=demo"])
+    root = tmp_path / "synth"
+    s = demo.data.synth
+    generate(root, n_train=s.train, n_val=s.val, seed=s.seed, min_side=s.min_side, max_side=s.max_side)
+    overrides = [f"{k}={v}" for k, v in (("data.base_size", demo.data.base_size),
+                                          ("data.crop_size", demo.data.crop_size),
+                                          ("trainer.epochs", demo.trainer.epochs),
+                                          ("trainer.batch_size", demo.trainer.batch_size),
+                                          ("optim.lr", demo.optim.lr))]
+    best, baseline = learns(root, tmp_path / "run", *overrides)
+    assert best >= 3 * baseline, (best, baseline)
