@@ -1,0 +1,56 @@
+"""Data layer: VOC 2012 reader, generated VOC-format dataset, 10%-per-class split and Table 1 transforms."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deeplab_dropout.data.split import class_presence, make_split
+from deeplab_dropout.data.synth import generate
+from deeplab_dropout.data.voc import (
+    IGNORE_INDEX,
+    VOC_CLASSES,
+    VOC_PALETTE,
+    DatasetError,
+    VOCSegmentation,
+    download_voc,
+    read_image,
+    read_mask,
+    read_split_ids,
+    voc_dir,
+)
+
+__all__ = [
+    "IGNORE_INDEX", "VOC_CLASSES", "VOC_PALETTE", "DatasetError", "VOCSegmentation", "class_presence",
+    "denormalize", "download_voc", "generate", "get_datasets", "get_transform", "make_split", "read_image",
+    "read_mask", "read_split_ids", "voc_dir",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # torchvision costs seconds to import; the CLI never needs the transforms, so load them on first use.
+    if name in ("get_transform", "denormalize"):
+        from deeplab_dropout.data import transforms
+
+        return getattr(transforms, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def get_datasets(data_cfg: Any) -> tuple[VOCSegmentation, VOCSegmentation, dict]:
+    """(train dataset on the split, whole val dataset, split record) from the `data` config node."""
+    from deeplab_dropout.data.transforms import get_transform
+
+    root = Path(str(data_cfg.root)).expanduser()
+    synth = data_cfg.get("synth")
+    if synth is not None:
+        # generate() reuses a matching dataset and refuses to overwrite anything else.
+        generate(root, n_train=int(synth.train), n_val=int(synth.val), seed=int(synth.seed),
+                 min_side=int(synth.min_side), max_side=int(synth.max_side))
+    elif data_cfg.get("download", False) and not voc_dir(root).is_dir():
+        download_voc(root)
+    path, manifest = make_split(root, float(data_cfg.fraction), int(data_cfg.split_seed), str(data_cfg.train_split))
+    train = VOCSegmentation(root, str(data_cfg.train_split), ids=manifest["ids"],
+                            transforms=get_transform(True, data_cfg))
+    val = VOCSegmentation(root, str(data_cfg.val_split), transforms=get_transform(False, data_cfg))
+    record = {"manifest": str(path), "sha256": manifest["sha256"], "fraction": manifest["fraction"],
+              "seed": manifest["seed"], "n_images": len(manifest["ids"]), "per_class": manifest["per_class"]}
+    return train, val, record

@@ -1,0 +1,5 @@
+"""`python -m deeplab_dropout.data` runs the `deeplab-dropout-data` command."""
+from deeplab_dropout.data.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""`deeplab-dropout-data`: generate the VOC-format dataset (`synth`) and compute the class split (`split`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from deeplab_dropout.data.split import make_split
+from deeplab_dropout.data.synth import generate
+from deeplab_dropout.data.voc import VOC_CLASSES, DatasetError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deeplab-dropout-data", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="write a generated dataset as DIR/VOCdevkit/VOC2012 (use data.root=DIR)")
+    s.add_argument("--out", required=True, help="folder to hold VOCdevkit/ (the data.root)")
+    s.add_argument("--train", type=int, default=200, help="train images (default 200)")
+    s.add_argument("--val", type=int, default=50, help="val images (default 50)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--min-side", type=int, default=300, help="smallest short side in px (default 300)")
+    s.add_argument("--max-side", type=int, default=500, help="largest short side in px (default 500)")
+    t = sub.add_parser("split", help="compute (or reuse) the per-class split and print its manifest path")
+    t.add_argument("--root", required=True, help="the folder holding VOCdevkit/ (data.root)")
+    t.add_argument("--fraction", type=float, default=0.1, help="share of each class's images (default 0.1)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--split", default="train", help="ImageSets/Segmentation/<split>.txt (default train)")
+    return p
+
+
+def _print_split(path, manifest: dict) -> None:
+    print(f"{'id':>3}  {'class':<12} {'n':>6} {'selected':>9}")
+    for c, row in manifest["per_class"].items():
+        print(f"{int(c):>3}  {VOC_CLASSES[int(c)]:<12} {row['n']:>6} {row['selected']:>9}")
+    print(f"total: {len(manifest['ids'])} images (fraction {manifest['fraction']}, seed {manifest['seed']}, "
+          f"sha256 {manifest['sha256'][:12]})")
+    print(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; exits 2 with a one-line `error:` message on bad data."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "synth":
+            root = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed,
+                            min_side=args.min_side, max_side=args.max_side)
+            print(f"generated dataset ready; use data.root={root}", file=sys.stderr)
+            print(root)
+        else:
+            path, manifest = make_split(args.root, fraction=args.fraction, seed=args.seed, split=args.split)
+            _print_split(path, manifest)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return 0

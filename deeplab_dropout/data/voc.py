@@ -1,0 +1,203 @@
+"""PASCAL VOC 2012 segmentation reader with one-line, file-naming errors for every data problem."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+NUM_CLASSES = len(VOC_CLASSES)
+IGNORE_INDEX = 255
+
+
+def _voc_palette() -> list[int]:
+    """The standard VOC colour map: the bits of the label index are interleaved into R, G, B."""
+    palette: list[int] = []
+    for label in range(256):
+        r = g = b = 0
+        c = label
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+VOC_PALETTE: list[int] = _voc_palette()
+_VALID_LABELS = np.zeros(256, dtype=bool)
+_VALID_LABELS[:NUM_CLASSES] = True
+_VALID_LABELS[IGNORE_INDEX] = True
+
+
+class DatasetError(ValueError):
+    """A problem with the data on disk; the message is one line naming the file and what is wrong."""
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def voc_dir(root: str | os.PathLike) -> Path:
+    """The VOC 2012 folder under a data root: `root/VOCdevkit/VOC2012`."""
+    return Path(root).expanduser() / "VOCdevkit" / "VOC2012"
+
+
+def _check_root(root: str | os.PathLike) -> Path:
+    root_p = Path(root).expanduser()
+    fix = ("data.root must be the folder holding VOCdevkit/; `deeplab-dropout-data synth --out DIR` "
+           "or data.download=true produce one")
+    if not root_p.is_dir():
+        raise DatasetError(f"data root not found: {root_p.resolve()} ({fix})")
+    vdir = voc_dir(root_p)
+    if not vdir.is_dir():
+        raise DatasetError(f"no VOCdevkit/VOC2012 folder in data root: {vdir.resolve()} is missing ({fix})")
+    return vdir
+
+
+def read_split_ids(root: str | os.PathLike, split: str) -> list[str]:
+    """Image ids listed in `ImageSets/Segmentation/<split>.txt` (the root and its structure are checked)."""
+    vdir = _check_root(root)
+    path = vdir / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not path.is_file():
+        raise DatasetError(f"split file not found: {path} (expected ImageSets/Segmentation/{split}.txt)")
+    try:
+        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"unreadable split file: {path} ({_one_line(e)})") from None
+    if not ids:
+        raise DatasetError(f"split file lists no images: {path}")
+    return ids
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image as RGB, fully decoded so truncated or corrupt files fail here."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"corrupt or unreadable image: {path} ({_one_line(e)})") from None
+
+
+def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a palette/L PNG mask as uint8 H×W labels, checking values (0..20, 255) and (W, H) `size` if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            # Converting RGB masks would silently turn colours into wrong labels, so refuse them.
+            if mode not in ("P", "L"):
+                raise DatasetError(f"mask is not a palette or L PNG: {path} has mode {mode}")
+            if size is not None and im.size != tuple(size):
+                raise DatasetError(
+                    f"mask size differs from its image: {path} is {im.size[0]}x{im.size[1]}, "
+                    f"the image is {size[0]}x{size[1]}"
+                )
+            mask = np.array(im, dtype=np.uint8)
+    except DatasetError:
+        raise
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"corrupt or unreadable mask: {path} ({_one_line(e)})") from None
+    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+    bad = [int(v) for v in present if not _VALID_LABELS[v]]
+    if bad:
+        shown = bad[:10] + (["..."] if len(bad) > 10 else [])
+        raise DatasetError(f"mask outside {{0..20, 255}}: {path} has values [{', '.join(map(str, shown))}]")
+    return mask
+
+
+def download_voc(root: str | os.PathLike) -> Path:
+    """Fetch VOC 2012 trainval into `root` with torchvision's downloader (about 2 GB; needs internet)."""
+    from torchvision.datasets import VOCSegmentation as _TVVOC
+
+    root_p = Path(root).expanduser()
+    root_p.mkdir(parents=True, exist_ok=True)
+    try:
+        _TVVOC(str(root_p), year="2012", image_set="trainval", download=True)
+    except Exception as e:  # network / checksum failures: keep the one-line contract
+        raise DatasetError(f"VOC 2012 download into {root_p} failed: {_one_line(e)}") from None
+    return voc_dir(root_p)
+
+
+class VOCSegmentation(torch.utils.data.Dataset):
+    """VOC-layout segmentation dataset (real VOC 2012 or the generated one) yielding (image, mask)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        ids: Sequence[str] | None = None,
+        transforms: Callable[[Image.Image, np.ndarray], Any] | None = None,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.transforms = transforms
+        listed = read_split_ids(self.root, split)
+        if ids is None:
+            self.ids = listed
+        else:
+            self.ids = [str(i) for i in ids]
+            unknown = sorted(set(self.ids) - set(listed))
+            if unknown:
+                split_file = voc_dir(self.root) / "ImageSets" / "Segmentation" / f"{split}.txt"
+                raise DatasetError(
+                    f"{len(unknown)} requested ids are not in {split_file} (first: {unknown[0]}); "
+                    "the split manifest was made for other data"
+                )
+        vdir = voc_dir(self.root)
+        self._img_dir = vdir / "JPEGImages"
+        self._mask_dir = vdir / "SegmentationClass"
+        for folder in (self._img_dir, self._mask_dir):
+            if not folder.is_dir():
+                raise DatasetError(f"folder not found: {folder}")
+        # One listdir per folder instead of a stat per file: VOC has ~17k JPEGs.
+        have_img = set(os.listdir(self._img_dir))
+        have_mask = set(os.listdir(self._mask_dir))
+        for i in self.ids:
+            if f"{i}.jpg" not in have_img:
+                raise DatasetError(f"image not found: {self.image_path(i)} (listed in {split}.txt)")
+            if f"{i}.png" not in have_mask:
+                raise DatasetError(f"mask not found: {self.mask_path(i)} (listed in {split}.txt)")
+
+    def image_path(self, image_id: str) -> Path:
+        """Path of an id's JPEG."""
+        return self._img_dir / f"{image_id}.jpg"
+
+    def mask_path(self, image_id: str) -> Path:
+        """Path of an id's PNG mask."""
+        return self._mask_dir / f"{image_id}.png"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        """The i-th (RGB image, uint8 mask) pair, validated, without transforms."""
+        image_id = self.ids[i]
+        image = read_image(self.image_path(image_id))
+        mask = read_mask(self.mask_path(image_id), size=image.size)
+        return image, mask
+
+    def __getitem__(self, i: int) -> Any:
+        image, mask = self.load(i)
+        if self.transforms is not None:
+            return self.transforms(image, mask)
+        return image, mask
+
+    def __repr__(self) -> str:
+        return f"VOCSegmentation(root={str(self.root)!r}, split={self.split!r}, n={len(self.ids)})"

@@ -1,0 +1,193 @@
+"""Table 1 transforms: joint geometry, 255 label padding, crop size, blur radius, val center/full."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image, ImageFilter
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from deeplab_dropout.data import denormalize, get_transform
+from deeplab_dropout.data.transforms import RandomGaussianBlur
+
+VOC_YAML = Path(__file__).resolve().parents[1] / "conf" / "data" / "voc2012.yaml"
+
+
+def data_cfg(**over):
+    """The real data config (conf/data/voc2012.yaml) shrunk for CPU tests."""
+    cfg = OmegaConf.load(VOC_YAML)
+    cfg.base_size, cfg.crop_size = 64, 48
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+# Label k is painted as a distinct colour, so the label can be recomputed from the transformed image.
+CODES = np.array([[(37 * k) % 256, (91 * k + 40) % 256, (151 * k + 80) % 256] for k in range(21)], np.uint8)
+
+
+def coded_pair(h: int = 64, w: int = 88, block: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 21, size=(h // block + 1, w // block + 1))
+    label = np.kron(blocks, np.ones((block, block), dtype=np.int64))[:h, :w].astype(np.uint8)
+    return Image.fromarray(CODES[label]), label
+
+
+def decode(img: torch.Tensor, cfg) -> torch.Tensor:
+    rgb = denormalize(img, cfg).permute(1, 2, 0).reshape(-1, 1, 3).int()
+    dist = (rgb - torch.from_numpy(CODES).int()[None]).abs().sum(-1)
+    return dist.argmin(1).reshape(img.shape[1:])
+
+
+def uniform_interior(mask: torch.Tensor, r: int = 3) -> torch.Tensor:
+    """Pixels whose (2r+1)² neighbourhood holds one non-void label (away from edges and padding)."""
+    m = mask.float()[None, None]
+    hi = torch.nn.functional.max_pool2d(m, 2 * r + 1, 1, r)
+    lo = -torch.nn.functional.max_pool2d(-m, 2 * r + 1, 1, r)
+    return ((hi == lo) & (mask[None, None] != 255))[0, 0]
+
+
+def test_train_keeps_image_and_mask_aligned():
+    cfg = data_cfg(blur_p=0.0)
+    t = get_transform(True, cfg)
+    flipped_seen = checked = 0
+    for seed in range(12):
+        image, label = coded_pair(seed=seed)
+        torch.manual_seed(seed)
+        img, mask = t(image, label)
+        assert img.shape == (3, 48, 48) and img.dtype == torch.float32
+        assert mask.shape == (48, 48) and mask.dtype == torch.int64
+        inner = uniform_interior(mask)
+        decoded = decode(img, cfg)
+        assert inner.sum() > 100
+        assert torch.equal(decoded[inner], mask[inner]), seed
+        checked += int(inner.sum())
+        # Sanity of the check itself: a mask flipped relative to the image would fail it.
+        flipped_seen += int(not torch.equal(decoded.flip(-1)[inner], mask[inner]))
+    assert flipped_seen == 12 and checked > 5000
+
+
+def test_label_padding_is_255_and_image_padding_is_zero():
+    cfg = data_cfg(scale_range=[0.5, 0.5], blur_p=0.0)  # short side 32 < crop 48
+    image = Image.fromarray(np.full((20, 20, 3), 200, np.uint8))
+    label = np.ones((20, 20), np.uint8)
+    torch.manual_seed(0)
+    img, mask = get_transform(True, cfg)(image, label)
+    assert mask.shape == (48, 48)
+    assert int((mask == 1).sum()) == 32 * 32 and int((mask == 255).sum()) == 48 * 48 - 32 * 32
+    raw = denormalize(img, cfg)
+    assert (raw[:, mask == 255] == 0).all() and (raw[:, mask == 1] >= 199).all()
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+def test_train_scale_and_crop_size(scale):
+    """Short side = base_size × scale: 8-px blocks of a 64-px-high image become 8·scale px wide."""
+    cfg = data_cfg(blur_p=0.0, crop_size=40, scale_range=[scale, scale])
+    jj = np.arange(88 // 8)
+    blocks = (jj[None, :] * 3 + np.arange(64 // 8)[:, None] * 7) % 21  # neighbours always differ
+    label = np.kron(blocks, np.ones((8, 8), dtype=np.int64)).astype(np.uint8)
+    torch.manual_seed(3)
+    img, mask = get_transform(True, cfg)(Image.fromarray(CODES[label]), label)
+    assert img.shape == (3, 40, 40) and mask.shape == (40, 40)
+    values, runs = torch.unique_consecutive(mask[0], return_counts=True)
+    inner = runs[1:-1][values[1:-1] != 255]
+    assert len(inner) >= 1 and (inner == int(8 * scale)).all(), runs
+
+
+def test_train_is_reproducible_from_torch_seed():
+    cfg = data_cfg()
+    t = get_transform(True, cfg)
+    image, label = coded_pair(seed=1)
+    outs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        outs.append(t(image, label))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert not torch.equal(outs[0][0], outs[2][0])
+
+
+def test_zero_blur_radius_equals_no_blur():
+    image, label = coded_pair(seed=2)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a = get_transform(True, data_cfg(blur_p=1.0, blur_radius=[0.0, 0.0]))(image, label)
+        torch.manual_seed(seed)
+        b = get_transform(True, data_cfg(blur_p=0.0))(image, label)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_blur_radius_sampled_in_range_with_probability():
+    blur = RandomGaussianBlur(p=0.5, radius=[0.3, 0.8])
+    torch.manual_seed(0)
+    radii = np.array([blur.make_params([])["radius"] for _ in range(2000)])
+    applied = radii[radii > 0]
+    assert 0.45 < len(applied) / len(radii) < 0.55
+    assert applied.min() >= 0.3 and applied.max() <= 0.8
+    assert applied.min() < 0.32 and applied.max() > 0.78  # the whole range is used
+
+
+def test_blur_has_pil_radius_semantics_and_spares_the_mask():
+    rng = np.random.default_rng(0)
+    arr = np.kron(rng.integers(0, 256, (6, 7, 3)).astype(np.uint8), np.ones((10, 10, 1), np.uint8))
+    inner = (slice(8, -8), slice(8, -8))
+    for r in (0.5, 1.0):
+        blur = RandomGaussianBlur(p=1.0, radius=[r, r])
+        mask = tv_tensors.Mask(torch.from_numpy(arr[..., 0].copy())[None])
+        out_img, out_mask = blur(tv_tensors.Image(torch.from_numpy(arr).permute(2, 0, 1)), mask)
+        assert torch.equal(out_mask, mask)
+        ours = out_img.permute(1, 2, 0).numpy().astype(float)[inner]
+        pil = np.asarray(Image.fromarray(arr).filter(ImageFilter.GaussianBlur(r))).astype(float)[inner]
+        other = np.asarray(Image.fromarray(arr).filter(ImageFilter.GaussianBlur(2 * r))).astype(float)[inner]
+        assert np.abs(ours - pil).mean() < 1.0
+        assert np.abs(ours - other).mean() > 3.0
+
+
+def test_val_center_is_deterministic_and_crop_sized():
+    cfg = data_cfg(val_crop="center")
+    t = get_transform(False, cfg)
+    image, label = coded_pair(h=70, w=100, block=10, seed=4)
+    torch.manual_seed(0)
+    a = t(image, label)
+    torch.manual_seed(1)
+    b = t(image, label)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape == (3, 48, 48) and a[1].shape == (48, 48)
+    inner = uniform_interior(a[1])
+    assert torch.equal(decode(a[0], cfg)[inner], a[1][inner])
+    # Centred: the resized (64×91) image's middle column lands in the crop's middle.
+    ref = F.resize(torch.from_numpy(label)[None], [64], interpolation=F.InterpolationMode.NEAREST)[0]
+    top, spare = (64 - 48) // 2, ref.shape[1] - 48
+    assert any(torch.equal(a[1], ref[top:top + 48, left:left + 48].long()) for left in {spare // 2, -(-spare // 2)})
+
+
+def test_val_center_pads_labels_with_255():
+    cfg = data_cfg(val_crop="center", base_size=32, crop_size=48)
+    image, label = coded_pair(h=32, w=40, block=8)
+    img, mask = get_transform(False, cfg)(image, label)
+    assert mask.shape == (48, 48)
+    assert (mask[:8] == 255).all() and (mask[-8:] == 255).all() and (mask[8:-8, 4:44] != 255).all()
+    assert (denormalize(img, cfg)[:, :8] == 0).all()
+
+
+def test_val_full_keeps_size_and_values():
+    cfg = data_cfg(val_crop="full")
+    image, label = coded_pair(h=37, w=53, block=5)
+    img, mask = get_transform(False, cfg)(image, label)
+    assert img.shape == (3, 37, 53) and torch.equal(mask, torch.from_numpy(label).long())
+    assert torch.equal(denormalize(img, cfg), torch.from_numpy(np.array(image)).permute(2, 0, 1))
+
+
+def test_normalisation_uses_config_mean_std():
+    cfg = data_cfg(val_crop="full", mean=[0.5, 0.5, 0.5], std=[0.25, 0.5, 1.0])
+    image = Image.fromarray(np.full((4, 4, 3), 255, np.uint8))
+    img, _ = get_transform(False, cfg)(image, np.zeros((4, 4), np.uint8))
+    assert torch.allclose(img[:, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+
+
+def test_bad_val_crop_rejected():
+    with pytest.raises(ValueError, match="val_crop"):
+        get_transform(False, data_cfg(val_crop="middle"))
