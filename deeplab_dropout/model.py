@@ -1,0 +1,387 @@
+"""DeepLabv3+ on a torchvision ResNet, with the study's regulariser sites placed from the config.
+
+Regulariser slots are registered as empty (``None``) child modules where the forward pass consults them, so
+placing a regulariser changes no parameter path: backbone keys stay torchvision's (ImageNet weights load
+as is) and checkpoints of any cell load into a model of any other cell.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from deeplab_dropout.regularizers import Regularizer, make_regularizer
+
+__all__ = ["DeepLabV3Plus", "build_model", "regularizer_sites", "describe_sites", "make_regularizer",
+           "load_backbone_weights", "BACKBONES"]
+
+# Blocks per layer of each torchvision ResNet (and whether it uses Bottleneck blocks).
+BACKBONES: dict[str, tuple[list[int], bool]] = {
+    "resnet18": ([2, 2, 2, 2], False),
+    "resnet34": ([3, 4, 6, 3], False),
+    "resnet50": ([3, 4, 6, 3], True),
+    "resnet101": ([3, 4, 23, 3], True),
+    "resnet152": ([3, 8, 36, 3], True),
+}
+# layer2..layer4 stride -> dilation, and the ASPP rates that keep the same field of view.
+DILATIONS = {16: [False, False, True], 8: [False, True, True]}
+ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+RESNET_SITES = ("blocks", "stages", "first_block")
+SPP_SITES = ("output", "branches")
+
+
+def _invalid(key: str, value, allowed) -> ValueError:
+    return ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(map(str, allowed))}")
+
+
+# --- backbone ---------------------------------------------------------------------------------------------
+
+class _SiteBasicBlock(BasicBlock):
+    """torchvision BasicBlock with dilation support and two regulariser slots (same parameters and keys).
+
+    ``drop`` regularises the block output; ``branch_drop`` sits in the residual branch after conv2-bn2
+    (the BasicBlock analogue of the authors' conv2-bn2-relu site, since its ReLU comes after the add).
+    """
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
+        # torchvision refuses dilation for BasicBlock; dilate both 3x3 convs as Bottleneck does its 3x3.
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, 1, norm_layer)
+        for conv in (self.conv1, self.conv2):
+            conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+        self.register_module("branch_drop", None)
+        self.register_module("drop", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        if self.branch_drop is not None:
+            out = self.branch_drop(out)
+        out = self.relu(out + identity)
+        return out if self.drop is None else self.drop(out)
+
+
+class _SiteBottleneck(Bottleneck):
+    """torchvision Bottleneck with two regulariser slots: ``branch_drop`` after conv2-bn2-relu, ``drop``
+    after the block output."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_module("branch_drop", None)
+        self.register_module("drop", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        if self.branch_drop is not None:
+            out = self.branch_drop(out)
+        out = self.relu(self.bn3(self.conv3(out)) + identity)
+        return out if self.drop is None else self.drop(out)
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet without avgpool/fc, dilated to output stride 16 or 8; returns (layer1, layer4).
+
+    Parameter names equal torchvision's, so its state dicts (minus ``fc.*``) load directly.
+    """
+
+    def __init__(self, name: str = "resnet101", output_stride: int = 16) -> None:
+        super().__init__()
+        if name not in BACKBONES:
+            raise _invalid("model.backbone", name, BACKBONES)
+        if output_stride not in DILATIONS:
+            raise _invalid("model.output_stride", output_stride, sorted(DILATIONS))
+        layers, bottleneck = BACKBONES[name]
+        block = _SiteBottleneck if bottleneck else _SiteBasicBlock
+        net = ResNet(block, layers, replace_stride_with_dilation=DILATIONS[output_stride])
+        self.name, self.output_stride = name, output_stride
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        for i in range(1, 5):
+            self.add_module(f"layer{i}", getattr(net, f"layer{i}"))
+            self.register_module(f"layer{i}_drop", None)  # the `stages` site
+        self.low_channels = 64 * block.expansion
+        self.high_channels = 512 * block.expansion
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = None
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+            drop = getattr(self, f"layer{i}_drop")
+            if drop is not None:
+                x = drop(x)
+            if i == 1:
+                low = x
+        return low, x
+
+
+# --- head -------------------------------------------------------------------------------------------------
+
+class ConvBNReLU(nn.Module):
+    """Bias-free conv (same padding, optional dilation) + BN + ReLU, with an optional ``drop`` slot."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.register_module("drop", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn(self.conv(x)))
+        return x if self.drop is None else self.drop(x)
+
+
+class ImagePooling(nn.Module):
+    """ASPP image-level branch: global average pool -> 1x1 conv (with bias) -> ReLU -> broadcast to H x W.
+
+    No BatchNorm here on purpose: on the 1x1 pooled map BN sees one value per channel per sample, so it
+    raises in training with batch size 1 (and is very noisy with small batches) -- the peers' bug.
+    """
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=True)
+        self.relu = nn.ReLU(inplace=True)
+        self.register_module("drop", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.relu(self.conv(self.pool(x)))
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return y if self.drop is None else self.drop(y)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1 + three 3x3 atrous + image pooling, concat, 1x1 projection."""
+
+    def __init__(self, cin: int, channels: int = 256, rates: tuple[int, int, int] = (6, 12, 18)) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [ConvBNReLU(cin, channels, 1)]
+            + [ConvBNReLU(cin, channels, 3, dilation=r) for r in rates]
+            + [ImagePooling(cin, channels)]
+        )
+        self.project = ConvBNReLU(len(self.branches) * channels, channels, 1)
+        self.register_module("drop", None)  # the `spp output` site (no built-in dropout, unlike the peers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.project(torch.cat([b(x) for b in self.branches], dim=1))
+        return x if self.drop is None else self.drop(x)
+
+
+class Decoder(nn.Module):
+    """DeepLabv3+ decoder: 1x1 low-level projection, concat with upsampled ASPP, two 3x3 convs, classifier."""
+
+    def __init__(self, low_in: int, low_channels: int, aspp_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.low_proj = ConvBNReLU(low_in, low_channels, 1)
+        self.conv1 = ConvBNReLU(low_channels + aspp_channels, aspp_channels, 3)
+        self.register_module("drop1", None)
+        self.conv2 = ConvBNReLU(aspp_channels, aspp_channels, 3)
+        self.register_module("drop2", None)
+        self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
+
+    def forward(self, low: Tensor, aspp: Tensor, size: tuple[int, int]) -> Tensor:
+        low = self.low_proj(low)
+        aspp = F.interpolate(aspp, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.conv1(torch.cat([aspp, low], dim=1))
+        if self.drop1 is not None:
+            x = self.drop1(x)
+        x = self.conv2(x)
+        if self.drop2 is not None:
+            x = self.drop2(x)
+        return F.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
+
+
+def _init_head(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabv3+ (Chen et al. 2018) on a torchvision ResNet; children ``backbone``, ``aspp``, ``decoder``.
+
+    Returns logits (N, num_classes, H, W) at the input's size, for any H x W.
+    """
+
+    def __init__(self, backbone: str = "resnet101", num_classes: int = 21, output_stride: int = 16,
+                 aspp_channels: int = 256, low_level_channels: int = 48) -> None:
+        super().__init__()
+        self.backbone = ResNetBackbone(backbone, output_stride)
+        self.aspp = ASPP(self.backbone.high_channels, aspp_channels, ASPP_RATES[output_stride])
+        self.decoder = Decoder(self.backbone.low_channels, low_level_channels, aspp_channels, num_classes)
+        _init_head(self.aspp)
+        _init_head(self.decoder)
+
+    def forward(self, x: Tensor) -> Tensor:
+        low, high = self.backbone(x)
+        return self.decoder(low, self.aspp(high), x.shape[-2:])
+
+    def regularizers(self) -> dict[str, Regularizer]:
+        """Placed regularisers by qualified module name, in forward order."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, Regularizer)}
+
+    def set_drop_p(self, p: float) -> None:
+        """Set the drop probability of every placed regulariser (called before each step by the ramp)."""
+        for m in self.regularizers().values():
+            m.p = p
+
+
+# --- placement --------------------------------------------------------------------------------------------
+
+def regularizer_sites(cfg) -> list[str]:
+    """Qualified module names of the regulariser sites a composed config places (empty for dropout none).
+
+    The one answer to "where does this config put dropout"; build_model places exactly these, in this order.
+    """
+    backbone = cfg.model.backbone
+    if backbone not in BACKBONES:
+        raise _invalid("model.backbone", backbone, BACKBONES)
+    pl, dropout = cfg.placement, cfg.dropout.name
+    if dropout not in ("none", "channel", "dropblock", "uout"):
+        raise _invalid("dropout.name", dropout, ("none", "channel", "dropblock", "uout"))
+    if pl.resnet_sites not in RESNET_SITES:
+        raise _invalid("placement.resnet_sites", pl.resnet_sites, RESNET_SITES)
+    if pl.spp_sites not in SPP_SITES:
+        raise _invalid("placement.spp_sites", pl.spp_sites, SPP_SITES)
+    stages = [int(s) for s in pl.resnet_stages]
+    if not stages or not set(stages) <= {1, 2, 3, 4} or len(set(stages)) != len(stages):
+        raise ValueError(f"placement.resnet_stages={stages} is invalid: expected a non-empty list of distinct "
+                         "stages from 1, 2, 3, 4")
+    if pl.resnet and pl.resnet_sites == "first_block" and 1 not in stages:
+        raise ValueError(f"placement.resnet_sites=first_block is inside layer1 but placement.resnet_stages="
+                         f"{stages} excludes stage 1")
+    if dropout == "none":
+        return []
+    sites: list[str] = []
+    if pl.resnet:
+        if pl.resnet_sites == "blocks":
+            blocks = BACKBONES[backbone][0]
+            sites += [f"backbone.layer{s}.{j}.drop" for s in sorted(stages) for j in range(blocks[s - 1])]
+        elif pl.resnet_sites == "stages":
+            sites += [f"backbone.layer{s}_drop" for s in sorted(stages)]
+        else:
+            sites.append("backbone.layer1.0.branch_drop")
+    if pl.spp:
+        sites += [f"aspp.branches.{i}.drop" for i in range(5)] if pl.spp_sites == "branches" else ["aspp.drop"]
+    if pl.decoder:
+        sites += ["decoder.drop1", "decoder.drop2"]
+    return sites
+
+
+def place_regularizers(model: nn.Module, sites: list[str], factory: Callable[[], nn.Module]) -> None:
+    """Fill each named slot with a fresh regulariser from ``factory``; the slot must exist and be empty."""
+    for site in sites:
+        parent_name, _, leaf = site.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if leaf not in parent._modules or parent._modules[leaf] is not None:
+            raise ValueError(f"{site} is not an empty regulariser slot of {type(model).__name__}")
+        setattr(parent, leaf, factory())
+
+
+def describe_sites(model: DeepLabV3Plus) -> str:
+    """One-line summary of the placed regularisers per part, e.g. for start-up logging."""
+    regs = model.regularizers()
+    if not regs:
+        return "none placed"
+    parts = []
+    for part in ("backbone", "aspp", "decoder"):
+        names = [n for n in regs if n.startswith(part + ".")]
+        if not names:
+            continue
+        kinds = sorted({repr(regs[n]) for n in names})
+        kind = kinds[0] if len(kinds) == 1 else "(" + ", ".join(kinds) + ")"
+        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+        parts.append(f"{part}: {len(names)} x {kind} [{shown}]")
+    return "; ".join(parts)
+
+
+# --- weights ----------------------------------------------------------------------------------------------
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
+    # IMAGENET1K_V1: the original torchvision weights, as available to the study (2019).
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as err:  # no network, proxy, corrupt download: all end the same way for the user
+        raise RuntimeError(
+            f"model.pretrained=imagenet: could not get {name} ImageNet weights ({_one_line(err)}); the download "
+            f"cache is {torch.hub.get_dir()}/checkpoints -- offline, copy the file there or use "
+            f"model.pretrained=/path/to/{name}.pth (a torchvision state dict) or model.pretrained=none"
+        ) from err
+
+
+def _file_state_dict(path: str) -> dict[str, Tensor]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"model.pretrained={path}: no such file (expected a torchvision ResNet state dict, "
+                                "or use imagenet / none)")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"model.pretrained={path}: not a readable state dict ({_one_line(err)})") from err
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"model.pretrained={path}: expected a state dict of tensors, got {type(obj).__name__}")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_backbone_weights(backbone: ResNetBackbone, pretrained: str | None) -> None:
+    """Load ``imagenet`` (torchvision weights API), a torchvision-format state dict file, or nothing (none)."""
+    if pretrained is None or str(pretrained).lower() in ("none", ""):
+        return
+    pretrained = str(pretrained)
+    state = _imagenet_state_dict(backbone.name) if pretrained == "imagenet" else _file_state_dict(pretrained)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        raise ValueError(f"model.pretrained={pretrained} does not fit torchvision {backbone.name}: "
+                         f"missing keys [{few(missing)}], unexpected keys [{few(unexpected)}]")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"model.pretrained={pretrained} does not fit torchvision {backbone.name}: shape "
+                         f"mismatch in {'; '.join(wrong[:5])}")
+    backbone.load_state_dict(state)
+
+
+def build_model(cfg) -> DeepLabV3Plus:
+    """DeepLabv3+ from a composed config: cfg.model (architecture, weights), cfg.dropout + cfg.placement."""
+    m = cfg.model
+    sites = regularizer_sites(cfg)  # validates placement before any weights are fetched
+    if m.output_stride not in DILATIONS:
+        raise _invalid("model.output_stride", m.output_stride, sorted(DILATIONS))
+    model = DeepLabV3Plus(m.backbone, int(m.num_classes), int(m.output_stride), int(m.aspp_channels),
+                          int(m.low_level_channels))
+    load_backbone_weights(model.backbone, m.pretrained)
+    if sites:
+        make_regularizer(cfg.dropout)  # validate p / block_size once, with a clear message
+        place_regularizers(model, sites, lambda: make_regularizer(cfg.dropout))
+    return model

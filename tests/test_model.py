@@ -1,0 +1,298 @@
+"""DeepLabv3+ architecture, the Table 2 placements, and weight loading (never downloads)."""
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from deeplab_dropout.model import DeepLabV3Plus, build_model, describe_sites, regularizer_sites
+from deeplab_dropout.regularizers import ChannelDropout, DropBlock, Regularizer, UOut
+
+CELL_DIR = Path(__file__).resolve().parents[1] / "conf" / "cell"
+CELLS = sorted(p.stem for p in CELL_DIR.glob("*.yaml"))
+TYPES = {"chandrop": ChannelDropout, "dropblock": DropBlock, "uout": UOut}
+R18 = ["model=deeplabv3plus_resnet18", "model.pretrained=none"]
+R101 = ["model=deeplabv3plus_resnet101", "model.pretrained=none"]
+
+
+def build_meta(cfg) -> DeepLabV3Plus:
+    """Build without allocating or initialising real weights (enough for counting modules/parameters)."""
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def tv_blocks(name: str) -> list[int]:
+    with torch.device("meta"):
+        net = torchvision.models.get_model(name)
+    return [len(getattr(net, f"layer{i}")) for i in range(1, 5)]
+
+
+# --- architecture -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model,os,size", [("resnet18", 16, (97, 131)), ("resnet18", 8, (97, 131)),
+                                           ("resnet50", 16, (49, 67)), ("resnet50", 8, (49, 67))])
+def test_output_shape_any_size_and_output_stride(compose_config, model, os, size):
+    torch.manual_seed(0)
+    cfg = compose_config([f"model=deeplabv3plus_{model}", "model.pretrained=none", f"model.output_stride={os}"])
+    net = build_model(cfg).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, *size)).shape == (2, 21, *size)
+        low, high = net.backbone(torch.randn(1, 3, 128, 128))
+    assert low.shape[-1] == 128 // 4 and high.shape[-1] == 128 // os
+    assert net.aspp.branches[1].conv.dilation == ((6, 6) if os == 16 else (12, 12))
+
+
+@pytest.mark.parametrize("name,os", [("resnet18", 16), ("resnet50", 8)])
+def test_backbone_computes_what_torchvision_computes(compose_config, name, os):
+    """Same weights, same features: the block rewrite (regulariser slots) does not change the maths."""
+    torch.manual_seed(0)
+    dilated = os == 8 and name == "resnet50"  # torchvision can dilate Bottleneck nets only
+    tv = torchvision.models.get_model(name, replace_stride_with_dilation=[False, True, True] if dilated else None)
+    net = build_model(compose_config([f"model=deeplabv3plus_{name}", "model.pretrained=none",
+                                      f"model.output_stride={os}", "cell=all-uout"])).eval()
+    net.backbone.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
+    tv.eval()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        low, high = net.backbone(x)
+        ref_low = tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))
+        torch.testing.assert_close(low, ref_low)
+        if dilated:
+            torch.testing.assert_close(high, tv.layer4(tv.layer3(tv.layer2(ref_low))))
+        else:  # layer3 is undilated at OS16
+            torch.testing.assert_close(net.backbone.layer3(net.backbone.layer2(low)), tv.layer3(tv.layer2(ref_low)))
+
+
+def test_batch_of_one_trains(compose_config):
+    net = build_model(compose_config(R18 + ["cell=all-dropblock"])).train()
+    out = net(torch.randn(1, 3, 65, 71))
+    assert out.shape == (1, 21, 65, 71)
+    out.mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_resnet101_parameter_count(compose_config):
+    net = build_meta(compose_config(R101 + ["cell=all-uout"]))
+    with torch.device("meta"):
+        tv = torchvision.models.resnet101()
+    c, a, low, k, lowin = 2048, 256, 48, 21, 256  # layer4 / ASPP / low-level / classes / layer1 channels
+
+    def conv_bn(cin: int, cout: int, ks: int) -> int:  # bias-free conv + BN weight and bias
+        return cin * cout * ks * ks + 2 * cout
+
+    backbone = n_params(tv) - n_params(tv.fc)
+    aspp = conv_bn(c, a, 1) + 3 * conv_bn(c, a, 3) + (c * a + a) + conv_bn(5 * a, a, 1)  # pooling: conv+bias
+    decoder = conv_bn(lowin, low, 1) + conv_bn(low + a, a, 3) + conv_bn(a, a, 3) + (a * k + k)
+    assert n_params(net.backbone) == backbone
+    assert n_params(net.aspp) == aspp
+    assert n_params(net.decoder) == decoder
+    total = n_params(net)
+    print(f"DeepLabv3+ ResNet-101 OS16, 21 classes: {total:,} parameters")
+    assert total == backbone + aspp + decoder
+    assert abs(total - 59.3e6) < 0.1e6  # DESIGN's ballpark for two decoder convs
+    assert {n.split(".")[0] for n, _ in net.named_parameters()} == {"backbone", "aspp", "decoder"}
+
+
+def test_no_dropout_anywhere_by_default(compose_config):
+    net = build_meta(compose_config(R101))
+    assert not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in net.modules())
+    assert net.regularizers() == {} and regularizer_sites(compose_config(R101)) == []
+
+
+# --- Table 2 placement ------------------------------------------------------------------------------------
+
+def test_the_sixteen_cells_exist():
+    parts, kinds = ("resnet", "spp", "decoder", "upper", "all"), ("chandrop", "dropblock", "uout")
+    assert set(CELLS) == {"none"} | {f"{p}-{k}" for p in parts for k in kinds}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_places_table2_sites(compose_config, cell):
+    cfg = compose_config(R101 + [f"cell={cell}"])
+    net = build_meta(cfg)
+    regs = net.regularizers()
+    where, _, kind = cell.partition("-")
+    counts = {part: sum(n.startswith(part + ".") for n in regs) for part in ("backbone", "aspp", "decoder")}
+    expected = {
+        "backbone": sum(tv_blocks("resnet101")) if where in ("resnet", "all") else 0,
+        "aspp": 1 if where in ("spp", "upper", "all") else 0,
+        "decoder": 2 if where in ("decoder", "upper", "all") else 0,
+    }
+    assert counts == expected
+    assert len(regs) == sum(expected.values())
+    assert all(type(m) is TYPES[kind] for m in regs.values())
+    assert all(m.p == cfg.dropout.p for m in regs.values())
+    assert list(regs) == regularizer_sites(cfg)
+    # every Regularizer in the model is one of the listed sites
+    assert sum(isinstance(m, Regularizer) for m in net.modules()) == len(regs)
+
+
+@pytest.mark.parametrize("overrides,part,count", [
+    (["placement.resnet_sites=stages"], "backbone", 4),
+    (["placement.resnet_sites=first_block"], "backbone", 1),
+    (["placement.resnet_stages=[3,4]"], "backbone", sum(tv_blocks("resnet101")[2:])),
+    (["placement.spp_sites=branches"], "aspp", 5),
+])
+def test_site_options(compose_config, overrides, part, count):
+    cfg = compose_config(R101 + ["cell=all-dropblock"] + overrides)
+    regs = build_meta(cfg).regularizers()
+    assert sum(n.startswith(part + ".") for n in regs) == count
+    assert list(regs) == regularizer_sites(cfg)
+
+
+def test_dropout_none_places_nothing_even_if_placement_says_so(compose_config):
+    cfg = compose_config(R18 + ["dropout=none", "placement=all"])
+    assert regularizer_sites(cfg) == [] and build_model(cfg).regularizers() == {}
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["cell=all-uout", "dropout.name=gauss"], "none, channel, dropblock, uout"),
+    (["cell=all-uout", "placement.resnet_sites=layers"], "blocks, stages, first_block"),
+    (["cell=all-uout", "placement.spp_sites=all"], "output, branches"),
+    (["cell=all-uout", "placement.resnet_stages=[0,5]"], "resnet_stages"),
+    (["cell=all-uout", "placement.resnet_sites=first_block", "placement.resnet_stages=[3,4]"], "stage 1"),
+    (["model.output_stride=32"], "8, 16"),
+    (["model.backbone=resnet7"], "resnet18, resnet34"),
+])
+def test_invalid_config_values(compose_config, overrides, match):
+    with pytest.raises(ValueError, match=match) as err:
+        build_model(compose_config(R18 + overrides))
+    assert "\n" not in str(err.value)
+
+
+def _anchor(net, site: str):
+    """(module, 'in'|'out', which tensor): the regulariser at `site` must see/produce exactly that tensor."""
+    parent, _, leaf = site.rpartition(".")
+    if site.startswith("decoder.drop"):
+        return net.get_submodule(f"decoder.conv{site[-1]}"), "in", "output"
+    if site == "aspp.drop":
+        return net.aspp.project, "in", "output"
+    if leaf == "branch_drop":  # BasicBlock: input of the residual add is bn2's output
+        return net.get_submodule(parent).bn2, "in", "output"
+    if site.endswith("_drop"):  # backbone.layerN_drop
+        return net.get_submodule(site[:-len("_drop")]), "in", "output"
+    return net.get_submodule(parent), "out", "output"  # block / branch outputs pass through their drop last
+
+
+@pytest.mark.parametrize("overrides", [
+    ["cell=decoder-chandrop"], ["cell=spp-chandrop"], ["cell=spp-chandrop", "placement.spp_sites=branches"],
+    ["cell=resnet-chandrop"], ["cell=resnet-chandrop", "placement.resnet_sites=stages"],
+    ["cell=resnet-chandrop", "placement.resnet_sites=first_block"],
+])
+def test_regularisers_are_in_the_forward_path(compose_config, overrides):
+    torch.manual_seed(0)
+    cfg = compose_config(R18 + overrides + ["dropout.p=0.5"])
+    net = build_model(cfg).train()
+    regs = net.regularizers()
+    assert regs
+    seen: dict[str, list] = {n: [] for n in regs}
+    anchors: dict[str, list] = {n: [] for n in regs}
+    hooks = []
+    for name, reg in regs.items():
+        hooks.append(reg.register_forward_hook(lambda m, i, o, n=name: seen[n].append((i[0], o))))
+        mod, _, _ = _anchor(net, name)
+        hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: anchors[n].append(o)))
+    x = torch.randn(2, 3, 65, 65)
+    torch.manual_seed(1)
+    active = net(x)
+    for h in hooks:
+        h.remove()
+    for name in regs:
+        assert len(seen[name]) == 1, f"{name} ran {len(seen[name])} times"
+        (reg_in, reg_out), which = seen[name][0], _anchor(net, name)[1]
+        assert (reg_in if which == "in" else reg_out) is anchors[name][-1], f"{name} is not where it claims"
+    net.set_drop_p(0.0)
+    assert all(m.p == 0.0 for m in regs.values())
+    torch.manual_seed(1)
+    off = net(x)
+    assert not torch.allclose(active, off)
+    torch.manual_seed(1)
+    assert torch.equal(net(x), off)  # train-mode BN is deterministic: the difference is the regulariser
+
+
+def test_placement_keeps_state_dict_keys_and_eval_output(compose_config):
+    torch.manual_seed(0)
+    plain = build_model(compose_config(R18)).eval()
+    placed = build_model(compose_config(R18 + ["cell=all-dropblock"])).eval()
+    assert placed.state_dict().keys() == plain.state_dict().keys()
+    placed.load_state_dict(plain.state_dict())
+    tv_keys = {k for k in torchvision.models.resnet18().state_dict() if not k.startswith("fc.")}
+    assert set(placed.backbone.state_dict()) == tv_keys
+    x = torch.randn(2, 3, 45, 53)
+    with torch.no_grad():
+        assert torch.equal(placed(x), plain(x))
+
+
+def test_describe_sites(compose_config):
+    net = build_meta(compose_config(R101 + ["cell=all-dropblock"]))
+    text = describe_sites(net)
+    assert "backbone: 33 x DropBlock(p=0.2, block_size=7)" in text
+    assert "backbone.layer1.0.drop ... backbone.layer4.2.drop" in text
+    assert "aspp: 1 x" in text and "decoder: 2 x" in text and "decoder.drop1, decoder.drop2" in text
+    assert describe_sites(build_meta(compose_config(R101))) == "none placed"
+
+
+# --- pretrained weights -----------------------------------------------------------------------------------
+
+def _saved_resnet(tmp_path: Path, name: str = "resnet18", wrap: str | None = None) -> tuple[Path, dict]:
+    torch.manual_seed(42)
+    state = torchvision.models.get_model(name).state_dict()
+    path = tmp_path / f"{name}.pth"
+    torch.save({wrap: state} if wrap else state, path)
+    return path, state
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+def test_pretrained_from_local_state_dict(compose_config, tmp_path, wrap):
+    path, state = _saved_resnet(tmp_path, wrap=wrap)
+    net = build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={path}",
+                                      "cell=all-uout"]))
+    loaded = net.backbone.state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+
+
+def test_pretrained_wrong_file_lists_keys(compose_config, tmp_path):
+    path, _ = _saved_resnet(tmp_path, "resnet34")
+    with pytest.raises(ValueError, match="unexpected keys.*layer1.2") as err:
+        build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={path}"]))
+    assert "\n" not in str(err.value)
+    state = torchvision.models.resnet18().state_dict()
+    del state["layer2.0.bn1.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"missing keys \[layer2.0.bn1.weight\]"):
+        build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={tmp_path}/partial.pth"]))
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={tmp_path}/junk.pth"]))
+
+
+def test_pretrained_missing_file(compose_config, tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth") as err:
+        build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={missing}"]))
+    assert "\n" not in str(err.value)
+
+
+def test_pretrained_imagenet_offline_error(compose_config, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    def never(*args, **kwargs):
+        raise AssertionError("tests must never download")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", never)
+    with pytest.raises(RuntimeError) as err:
+        build_model(compose_config(["model=deeplabv3plus_resnet18", "model.pretrained=imagenet"]))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert torch.hub.get_dir() in msg and str(tmp_path) in msg
+    assert "model.pretrained=none" in msg and "model.pretrained=/path/to/" in msg
