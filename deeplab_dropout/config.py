@@ -11,10 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-DROPOUTS = ("none", "channel", "dropblock", "uout")
-RESNET_SITES = ("blocks", "stages", "first_block")
-SPP_SITES = ("output", "branches")
+from deeplab_dropout.model import regularizer_sites
+
 SCHEDULES = ("constant", "linear")
 GRANULARITIES = ("iteration", "epoch")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -49,7 +47,10 @@ def _number(key: str, value, low: float, high: float | None = None, *, low_open=
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value in a composed train/eval config."""
     m = cfg.model
-    _one_of("model.backbone", m.backbone, BACKBONES)
+    try:  # model.backbone, dropout.name and the placement keys, checked where they are used
+        regularizer_sites(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     _one_of("model.output_stride", m.output_stride, (8, 16))
     pre = m.pretrained
     if pre not in ("imagenet", "none") and not Path(str(pre)).is_file():
@@ -69,17 +70,9 @@ def validate(cfg: DictConfig) -> None:
     _number("data.flip_p", d.flip_p, 0, 1)
     _number("data.blur_p", d.blur_p, 0, 1)
 
-    _one_of("dropout.name", cfg.dropout.name, DROPOUTS)
     _number("dropout.p", cfg.dropout.p, 0, 1)
     _check(cfg.dropout.p < 1, "dropout.p", cfg.dropout.p, "a number in [0, 1)")
     _number("dropout.block_size", cfg.dropout.block_size, 1, integer=True)
-
-    pl = cfg.placement
-    _one_of("placement.resnet_sites", pl.resnet_sites, RESNET_SITES)
-    _one_of("placement.spp_sites", pl.spp_sites, SPP_SITES)
-    stages = list(pl.resnet_stages)
-    _check(bool(stages) and set(stages) <= {1, 2, 3, 4} and len(set(stages)) == len(stages),
-           "placement.resnet_stages", stages, "a non-empty list of distinct stages from 1, 2, 3, 4")
 
     _one_of("schedule.name", cfg.schedule.name, SCHEDULES)
     _one_of("schedule.granularity", cfg.schedule.granularity, GRANULARITIES)
