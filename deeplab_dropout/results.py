@@ -67,6 +67,11 @@ class RunResults:
             return entry["per_image_miou"]["mean"]
         return entry[monitor]
 
+    def best_value(self) -> float:
+        """The monitored value at the best epoch (NaN before any evaluation)."""
+        best = self.data["best"]
+        return math.nan if best is None else self.monitor_value(best, self.monitor)
+
     @property
     def history(self) -> list[dict]:
         return self.data["history"]

@@ -126,6 +126,24 @@ def make_loaders(cfg: DictConfig, train_ds, val_ds, device: torch.device) -> tup
     return train_loader, val_loader
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """Mixed precision in ``amp_dtype`` on ``device``, or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def forward(model, images, targets, device, amp_dtype, channels_last: bool, ignore_index: int):
+    """Move a batch to the device and run the model; returns (logits, targets on the device, loss summed
+    over valid pixels, their count)."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = targets.to(device, non_blocking=True)
+    with autocast(device, amp_dtype):
+        logits = model(images)
+    loss_sum, n_px = criterion(logits, targets, ignore_index)
+    return logits, targets, loss_sum, n_px
+
+
 def train_one_epoch(model, optimizer, scaler, loader, cfg, device, amp_dtype, channels_last,
                     epoch: int, max_it: int, progress: bool) -> dict:
     """One pass over the training set with per-iteration poly LR and dropout ramp; returns epoch stats."""
@@ -144,13 +162,8 @@ def train_one_epoch(model, optimizer, scaler, loader, cfg, device, amp_dtype, ch
         drop_p = scheduled_drop_p(cfg, it, len(loader))
         model.set_drop_p(drop_p)
 
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss_sum, n_px = criterion(logits, targets, cfg.data.ignore_index)
+        _, _, loss_sum, n_px = forward(model, images, targets, device, amp_dtype, channels_last,
+                                       cfg.data.ignore_index)
         loss = loss_sum / max(n_px, 1)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -159,7 +172,7 @@ def train_one_epoch(model, optimizer, scaler, loader, cfg, device, amp_dtype, ch
 
         total_loss += loss_sum.item()
         total_px += n_px
-        seen += images.shape[0]
+        seen += targets.shape[0]
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         p=f"{drop_p:.3f}", ips=f"{seen / (time.perf_counter() - start):.1f}")
@@ -180,17 +193,12 @@ def evaluate(model, loader, cfg, device, amp_dtype, channels_last, progress: boo
     for images, targets in tqdm(loader, desc="val", disable=not progress, leave=False):
         if limit is not None and seen >= limit:
             break
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss_sum, n_px = criterion(logits, targets, cfg.data.ignore_index)
+        logits, targets, loss_sum, n_px = forward(model, images, targets, device, amp_dtype, channels_last,
+                                                  cfg.data.ignore_index)
         total_loss += loss_sum.item()
         total_px += n_px
         metrics.update(logits.argmax(1), targets)
-        seen += images.shape[0]
+        seen += targets.shape[0]
     out = metrics.compute()
     out["val_loss"] = total_loss / max(total_px, 1)
     out["image_miou"] = metrics.image_miou.tolist()
@@ -202,7 +210,7 @@ def predict(model, dataset, index: int, device, amp_dtype) -> tuple[torch.Tensor
     """(normalised image, target, prediction) of one dataset item, for visualisation."""
     model.eval()
     image, target = dataset[index]
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(device, amp_dtype):
         pred = model(image[None].to(device)).argmax(1)[0].cpu()
     return image, target, pred
 
@@ -306,6 +314,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         results.restore(resume_state["history"])
         start_epoch = resume_state["epoch"]
         log.info("resuming from %s after epoch %d", last_path, start_epoch)
+    if start_epoch >= cfg.trainer.epochs:  # e.g. a sweep re-run with the same hydra.sweep.dir
+        log.info("%s is already complete", run_dir)
+        results.finish("completed")
+        return results.best_value()
     results.write()
 
     hp = {"cell": cell, "dropout": cfg.dropout.name, "placement": placement_name(cfg),
@@ -370,11 +382,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     results.finish("completed")
     tb.close()
     best = results.data["best"]
-    if best is None:
-        return math.nan
-    log.info("best epoch %d: mIoU %.4f (per-image mean %.4f); results: %s; tensorboard --logdir %s",
-             results.data["best_epoch"], best["miou"], best["per_image_miou"]["mean"], results.path, run_dir / "tb")
-    return RunResults.monitor_value(best, cfg.trainer.monitor)
+    if best is not None:
+        log.info("best epoch %d: mIoU %.4f (per-image mean %.4f); results: %s; tensorboard --logdir %s",
+                 results.data["best_epoch"], best["miou"], best["per_image_miou"]["mean"], results.path,
+                 run_dir / "tb")
+    return results.best_value()
 
 
 def _fmt(x) -> str:
