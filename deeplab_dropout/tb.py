@@ -19,11 +19,20 @@ def colorize(mask: torch.Tensor) -> torch.Tensor:
     return palette[mask.long().clamp(0, 255).cpu()].permute(2, 0, 1)
 
 
-def strip(image: torch.Tensor, target: torch.Tensor, pred: torch.Tensor, gap: int = 4) -> torch.Tensor:
-    """uint8 (3, H, W) image, ground truth and prediction side by side with a white gap."""
-    h = image.shape[-2]
-    sep = torch.full((3, h, gap), 255, dtype=torch.uint8)
-    return torch.cat([image.cpu(), sep, colorize(target), sep, colorize(pred)], dim=-1)
+def overlay(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
+    """The VOC colours of ``mask`` blended over a uint8 (3, H, W) image; background (0) is left clear."""
+    blend = (1 - alpha) * image.float() + alpha * colorize(mask).float()
+    return torch.where((mask.cpu() != 0)[None], blend.round(), image.float()).to(torch.uint8)
+
+
+def strip(image: torch.Tensor, target: torch.Tensor, pred: torch.Tensor, min_height: int = 192) -> torch.Tensor:
+    """uint8 (3, H, W): image | ground truth overlay | prediction overlay, side by side with white gaps,
+    enlarged (nearest) to at least ``min_height`` so that small crops stay readable in TensorBoard."""
+    image = image.cpu()
+    sep = torch.full((3, image.shape[-2], 4), 255, dtype=torch.uint8)
+    out = torch.cat([image, sep, overlay(image, target), sep, overlay(image, pred)], dim=-1)
+    scale = -(-min_height // out.shape[-2])  # ceil
+    return out.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1) if scale > 1 else out
 
 
 class TBLogger:

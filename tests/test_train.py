@@ -102,6 +102,16 @@ def test_same_seed_same_numbers_other_seed_differs(voc_root, tmp_path):
     assert runs[0] != runs[2]
 
 
+def test_same_seed_same_numbers_with_dataloader_workers(voc_root, tmp_path):
+    # Worker processes draw the augmentation randomness: seeded from the loader's generator per epoch.
+    runs = []
+    for name in ("a", "b"):
+        cfg = tiny_cfg(voc_root, "trainer.epochs=2", "trainer.num_workers=2", "trainer.max_val_images=2")
+        train_mod.run(cfg, tmp_path / name)
+        runs.append(metrics_only(read_results(tmp_path / name)["history"]))
+    assert runs[0] == runs[1]
+
+
 def test_resume_after_interrupt_matches_uninterrupted(voc_root, tmp_path, monkeypatch):
     overrides = ("cell=spp-uout", "schedule=linear", "schedule.ramp_epochs=2", "trainer.epochs=3")
     train_mod.run(tiny_cfg(voc_root, *overrides), tmp_path / "straight")

@@ -1,0 +1,36 @@
+"""TensorBoard image strips: VOC colours, overlay only where there is an object, readable size."""
+from __future__ import annotations
+
+import torch
+
+from deeplab_dropout.data.voc import VOC_PALETTE
+from deeplab_dropout.tb import colorize, overlay, strip
+
+
+def test_colorize_uses_the_voc_palette():
+    mask = torch.tensor([[0, 12], [255, 20]])
+    rgb = colorize(mask)
+    for (y, x), label in {(0, 0): 0, (0, 1): 12, (1, 0): 255, (1, 1): 20}.items():
+        assert rgb[:, y, x].tolist() == VOC_PALETTE[3 * label: 3 * label + 3]
+
+
+def test_overlay_blends_objects_and_leaves_background():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 8, 9), dtype=torch.uint8)
+    mask = torch.zeros(8, 9, dtype=torch.long)
+    mask[2:5, 3:7] = 15
+    out = overlay(image, mask, alpha=0.5)
+    assert torch.equal(out[:, mask == 0], image[:, mask == 0])
+    colour = torch.tensor(VOC_PALETTE[45:48], dtype=torch.float32)[:, None]
+    expected = (0.5 * image[:, mask == 15].float() + 0.5 * colour).round().to(torch.uint8)
+    assert torch.equal(out[:, mask == 15], expected)
+
+
+def test_strip_layout_and_scale():
+    image = torch.zeros(3, 33, 40, dtype=torch.uint8)
+    target = torch.zeros(33, 40, dtype=torch.long)
+    out = strip(image, target, target, min_height=100)
+    scale = 4  # ceil(100 / 33)
+    assert out.shape == (3, 33 * scale, (3 * 40 + 2 * 4) * scale) and out.dtype == torch.uint8
+    big = torch.zeros(3, 300, 40, dtype=torch.uint8)
+    assert strip(big, torch.zeros(300, 40), torch.zeros(300, 40)).shape == (3, 300, 3 * 40 + 8)
