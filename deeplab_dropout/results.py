@@ -1,4 +1,7 @@
-"""The one place that writes what a run leaves: results.json and checkpoints, both atomically."""
+"""The one place that writes what a run leaves: results.json and checkpoints, both atomically.
+
+torch is imported only by the checkpoint functions, so the data tools can write JSON through here cheaply.
+"""
 from __future__ import annotations
 
 import json
@@ -8,8 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def atomic_write(path: Path, write) -> None:
@@ -111,11 +112,15 @@ class RunResults:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save ``state`` atomically (temp file + rename): a crash never leaves a half-written .pt."""
+    import torch
+
     atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """Load a checkpoint written by ``save_checkpoint`` (tensors and plain containers only)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

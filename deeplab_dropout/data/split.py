@@ -6,13 +6,13 @@ import json
 import math
 import os
 import random
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from deeplab_dropout.data.voc import NUM_CLASSES, DatasetError, read_mask, read_split_ids, voc_dir
+from deeplab_dropout.results import write_json
 
 OBJECT_CLASSES = range(1, NUM_CLASSES)
 
@@ -20,20 +20,6 @@ OBJECT_CLASSES = range(1, NUM_CLASSES)
 def ids_sha256(ids: list[str]) -> str:
     """Hex sha256 of the newline-joined ids (the manifest's fingerprint)."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    # Parallel multirun jobs may race here; os.replace makes the last identical write win cleanly.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cache_dir(root: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Path:
@@ -58,7 +44,7 @@ def class_presence(root: str | os.PathLike, split: str = "train",
     for i in ids:
         counts = np.bincount(read_mask(mask_dir / f"{i}.png").ravel(), minlength=256)
         presence[i] = [c for c in OBJECT_CLASSES if counts[c] > 0]
-    _write_json_atomic(cache, {"split": split, "sha256": key, "presence": presence})
+    write_json(cache, {"split": split, "sha256": key, "presence": presence})
     return presence
 
 
@@ -158,5 +144,5 @@ def make_split(root: str | os.PathLike, fraction: float = 0.1, seed: int = 0, sp
         per_class[str(c)] = {"n": len(with_c), "selected": sum(1 for i in with_c if i in chosen)}
     manifest = {"ids": ids, "fraction": fraction, "seed": seed, "split": split,
                 "per_class": per_class, "sha256": ids_sha256(ids)}
-    _write_json_atomic(path, manifest)
+    write_json(path, manifest)
     return path, manifest
