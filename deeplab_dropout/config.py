@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from deeplab_dropout.model import regularizer_sites
+from deeplab_dropout.model import ARCHS, regularizer_sites
 
 SCHEDULES = ("constant", "linear")
 GRANULARITIES = ("iteration", "epoch")
@@ -52,9 +52,11 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     _one_of("model.output_stride", m.output_stride, (8, 16))
+    _one_of("model.arch", m.arch, ARCHS)
+    named = ("coco_with_voc_labels", "none") if m.arch == "torchvision_deeplabv3" else ("imagenet", "none")
     pre = m.pretrained
-    if pre not in ("imagenet", "none") and not Path(str(pre)).is_file():
-        raise ConfigError(f"model.pretrained={pre!r} is invalid: expected imagenet, none or an existing file")
+    if pre not in named and not Path(str(pre)).expanduser().is_file():
+        raise ConfigError(f"model.pretrained={pre!r} is invalid: expected {', '.join(named)} or an existing file")
     _number("model.num_classes", m.num_classes, 2, integer=True)
 
     d = cfg.data

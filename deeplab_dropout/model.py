@@ -17,7 +17,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from deeplab_dropout.regularizers import Regularizer, make_regularizer
 
-__all__ = ["DeepLabV3Plus", "build_model", "regularizer_sites", "describe_sites", "make_regularizer",
+__all__ = ["DeepLabV3Plus", "TorchvisionDeepLabV3", "SegmentationModel", "build_model", "regularizer_sites", "describe_sites", "make_regularizer",
            "load_backbone_weights", "BACKBONES"]
 
 # Blocks per layer of each torchvision ResNet (and whether it uses Bottleneck blocks).
@@ -31,6 +31,7 @@ BACKBONES: dict[str, tuple[list[int], bool]] = {
 # layer2..layer4 stride -> dilation, and the ASPP rates that keep the same field of view.
 DILATIONS = {16: [False, False, True], 8: [False, True, True]}
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+ARCHS = ("deeplabv3plus", "torchvision_deeplabv3")
 RESNET_SITES = ("blocks", "stages", "first_block")
 SPP_SITES = ("output", "branches")
 
@@ -213,7 +214,20 @@ def _init_head(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class DeepLabV3Plus(nn.Module):
+class SegmentationModel(nn.Module):
+    """What the runner relies on: children ``backbone``, ``aspp``, ``decoder`` and the regulariser sites."""
+
+    def regularizers(self) -> dict[str, Regularizer]:
+        """Placed regularisers by qualified module name, in forward order."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, Regularizer)}
+
+    def set_drop_p(self, p: float) -> None:
+        """Set the drop probability of every placed regulariser (called before each step by the ramp)."""
+        for m in self.regularizers().values():
+            m.p = p
+
+
+class DeepLabV3Plus(SegmentationModel):
     """DeepLabv3+ (Chen et al. 2018) on a torchvision ResNet; children ``backbone``, ``aspp``, ``decoder``.
 
     Returns logits (N, num_classes, H, W) at the input's size, for any H x W.
@@ -232,14 +246,21 @@ class DeepLabV3Plus(nn.Module):
         low, high = self.backbone(x)
         return self.decoder(low, self.aspp(high), x.shape[-2:])
 
-    def regularizers(self) -> dict[str, Regularizer]:
-        """Placed regularisers by qualified module name, in forward order."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, Regularizer)}
 
-    def set_drop_p(self, p: float) -> None:
-        """Set the drop probability of every placed regulariser (called before each step by the ramp)."""
-        for m in self.regularizers().values():
-            m.p = p
+class TorchvisionDeepLabV3(SegmentationModel):
+    """torchvision's DeepLabv3 (no aux head), split into ``backbone``, ``aspp`` and ``decoder`` (the 3x3
+    conv-BN-ReLU and classifier after the ASPP), for evaluating its COCO-with-VOC-labels weights."""
+
+    def __init__(self, tv_model: nn.Module) -> None:
+        super().__init__()
+        self.backbone = tv_model.backbone
+        self.aspp = tv_model.classifier[0]
+        self.aspp.project[-1] = nn.Identity()  # torchvision's built-in Dropout(0.5): no dropout unless placed
+        self.decoder = nn.Sequential(*list(tv_model.classifier)[1:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.decoder(self.aspp(self.backbone(x)["out"]))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 # --- placement --------------------------------------------------------------------------------------------
@@ -324,11 +345,7 @@ def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
     try:
         return weights.get_state_dict(progress=True)
     except Exception as err:  # no network, proxy, corrupt download: all end the same way for the user
-        raise RuntimeError(
-            f"model.pretrained=imagenet: could not get {name} ImageNet weights ({_one_line(err)}); the download "
-            f"cache is {torch.hub.get_dir()}/checkpoints -- offline, copy the file there or use "
-            f"model.pretrained=/path/to/{name}.pth (a torchvision state dict) or model.pretrained=none"
-        ) from err
+        raise _weights_failure("imagenet", name, err) from err
 
 
 def _file_state_dict(path: str) -> dict[str, Tensor]:
@@ -372,9 +389,53 @@ def load_backbone_weights(backbone: ResNetBackbone, pretrained: str | None) -> N
     backbone.load_state_dict(state)
 
 
-def build_model(cfg) -> DeepLabV3Plus:
-    """DeepLabv3+ from a composed config: cfg.model (architecture, weights), cfg.dropout + cfg.placement."""
+def _weights_failure(what: str, name: str, err: BaseException) -> RuntimeError:
+    return RuntimeError(
+        f"model.pretrained={what}: could not get {name} weights ({_one_line(err)}); the download cache is "
+        f"{torch.hub.get_dir()}/checkpoints -- offline, copy the file there or use "
+        f"model.pretrained=/path/to/{name}.pth (a torchvision state dict) or model.pretrained=none")
+
+
+def build_torchvision_deeplabv3(cfg) -> TorchvisionDeepLabV3:
+    """torchvision's DeepLabv3-ResNet101 with ``coco_with_voc_labels`` weights (weights API), a state dict
+    file of that model, or random init (none). It has no regulariser sites."""
+    from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights, deeplabv3_resnet101
+
     m = cfg.model
+    if m.backbone != "resnet101" or int(m.output_stride) != 8:
+        raise ValueError(f"model.arch=torchvision_deeplabv3 is torchvision's resnet101 at output stride 8, got "
+                         f"model.backbone={m.backbone}, model.output_stride={m.output_stride}")
+    if regularizer_sites(cfg):
+        raise ValueError("model.arch=torchvision_deeplabv3 has no regulariser sites: use placement=none or "
+                         "dropout=none (cell=none)")
+    tv = deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=int(m.num_classes), aux_loss=True)
+    pretrained = str(m.pretrained)
+    if pretrained == "coco_with_voc_labels":
+        try:
+            state = DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1.get_state_dict(progress=True)
+        except Exception as err:  # no network, proxy, corrupt download
+            raise _weights_failure(pretrained, "deeplabv3_resnet101_coco", err) from err
+    elif pretrained.lower() not in ("none", ""):
+        state = _file_state_dict(pretrained)
+    else:
+        state = None
+    if state is not None:
+        result = tv.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("aux_classifier.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"model.pretrained={pretrained} does not fit torchvision deeplabv3_resnet101: "
+                             f"missing keys {missing[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+    return TorchvisionDeepLabV3(tv)
+
+
+def build_model(cfg) -> SegmentationModel:
+    """The model of a composed config: cfg.model (architecture, weights), cfg.dropout + cfg.placement."""
+    m = cfg.model
+    arch = m.get("arch", "deeplabv3plus")
+    if arch not in ARCHS:
+        raise _invalid("model.arch", arch, ARCHS)
+    if arch == "torchvision_deeplabv3":
+        return build_torchvision_deeplabv3(cfg)
     sites = regularizer_sites(cfg)  # validates placement before any weights are fetched
     if m.output_stride not in DILATIONS:
         raise _invalid("model.output_stride", m.output_stride, sorted(DILATIONS))

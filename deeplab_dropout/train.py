@@ -50,7 +50,10 @@ def placement_name(cfg: DictConfig) -> str:
 
 
 def cell_name(cfg: DictConfig) -> str:
-    """The Table 2 name of what the config regularises (e.g. ``upper-dropblock``), from the values used."""
+    """The Table 2 name of what the config regularises (e.g. ``upper-dropblock``), from the values used;
+    torchvision's COCO-trained DeepLabv3 is the paper's ``pretrained-base`` row."""
+    if cfg.model.get("arch") == "torchvision_deeplabv3":
+        return "pretrained-base"
     where = placement_name(cfg)
     return "none" if where == "none" else f"{where}-{DROPOUT_SHORT[cfg.dropout.name]}"
 
@@ -113,17 +116,20 @@ def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.SGD:
 
 def make_loaders(cfg: DictConfig, train_ds, val_ds, device: torch.device) -> tuple[DataLoader, DataLoader]:
     t = cfg.trainer
-    common = {"num_workers": t.num_workers, "pin_memory": device.type == "cuda",
-              "worker_init_fn": seed_worker, "persistent_workers": False}
     train_loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, drop_last=True,
-                              generator=torch.Generator(), **common)
-    # `full` keeps every image's own size, so those can't be stacked into a batch.
-    val_bs = 1 if cfg.data.val_crop == "full" else t.val_batch_size
-    val_loader = DataLoader(val_ds, batch_size=val_bs, shuffle=False, **common)
+                              generator=torch.Generator(), num_workers=t.num_workers,
+                              pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is invalid: larger than the "
                           f"{len(train_ds)} training images (drop_last would leave no step)")
-    return train_loader, val_loader
+    return train_loader, make_val_loader(cfg, val_ds, device)
+
+
+def make_val_loader(cfg: DictConfig, val_ds, device: torch.device) -> DataLoader:
+    # `full` keeps every image's own size, so those can't be stacked into a batch.
+    val_bs = 1 if cfg.data.val_crop == "full" else cfg.trainer.val_batch_size
+    return DataLoader(val_ds, batch_size=val_bs, shuffle=False, num_workers=cfg.trainer.num_workers,
+                      pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -370,11 +376,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": step, "iteration": stats["iteration"],
-                     "history": results.history, "config": config, "cell": cell}
+                     "history": results.history, "config": config, "cell": cell, "split": split}
             save_checkpoint(last_path, state)
             if is_best:
                 save_checkpoint(ckpt_dir / "best.pt", {"model": state["model"], "epoch": step, "config": config,
-                                                       "cell": cell, "metrics": entry})
+                                                       "cell": cell, "split": split, "metrics": entry})
     except BaseException as e:
         results.finish("failed", error=f"{type(e).__name__}: {e}")
         tb.close()
@@ -399,17 +405,22 @@ def one_line(e: BaseException) -> str:
     return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if len(lines) > 1 else lines[-1]
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Hydra entry point: one run (or one job of a multirun)."""
+def exit_on_input_error(job, cfg: DictConfig):
+    """Run ``job(cfg, run_dir)`` in the Hydra run dir; bad input ends the process with one line and exit 2
+    (results.json, if any, already says "failed"); anything else keeps its traceback."""
     from deeplab_dropout.data.voc import DatasetError
 
     try:
-        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return job(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (InputError, DatasetError) as e:
-        # Bad input: one line and a non-zero exit; results.json (if any) already says "failed".
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point: one run (or one job of a multirun)."""
+    return exit_on_input_error(run, cfg)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,21 @@ def compose_cfg(overrides: list[str] | None = None, config_name: str = "train") 
 def compose_config():
     """`compose_config(overrides)` -> the composed train config."""
     return compose_cfg
+
+# Tiny crops for the runner tests.
+SMALL = ["data.base_size=40", "data.crop_size=33", "trainer.batch_size=2", "trainer.val_batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def voc_root(tmp_path_factory) -> Path:
+    """A small generated VOC-format dataset shared by the runner tests (24 train, 6 val images)."""
+    from deeplab_dropout.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, n_train=24, n_val=6, seed=0, min_side=40, max_side=56)
+    return root
+
+
+def tiny_cfg(voc_root: Path, *overrides: str) -> DictConfig:
+    """The train config shrunk to seconds on CPU, on the dataset at ``voc_root``."""
+    return compose_cfg([*TINY, "data=synthetic", f"data.root={voc_root}", "data.synth=null", *SMALL, *overrides])

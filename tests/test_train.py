@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_cfg
+from conftest import SMALL, TINY, compose_cfg, tiny_cfg
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deeplab_dropout import train as train_mod
@@ -21,19 +21,6 @@ from deeplab_dropout.results import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "miou", "pixel_acc", "class_iou", "per_image_miou", "lr",
                 "drop_p", "seconds"}
-SMALL = ["data.base_size=40", "data.crop_size=33", "trainer.batch_size=2", "trainer.val_batch_size=4"]
-
-
-@pytest.fixture(scope="session")
-def voc_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_train=24, n_val=6, seed=0, min_side=40, max_side=56)
-    return root
-
-
-def tiny_cfg(voc_root: Path, *overrides: str):
-    return compose_cfg([*TINY, "data=synthetic", f"data.root={voc_root}", "data.synth=null", *SMALL,
-                        *overrides])
 
 
 def read_results(run_dir: Path) -> dict:

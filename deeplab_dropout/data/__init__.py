@@ -21,7 +21,8 @@ from deeplab_dropout.data.voc import (
 
 __all__ = [
     "IGNORE_INDEX", "VOC_CLASSES", "VOC_PALETTE", "DatasetError", "VOCSegmentation", "class_presence",
-    "denormalize", "download_voc", "generate", "get_datasets", "get_transform", "make_split", "read_image",
+    "denormalize", "download_voc", "generate", "get_datasets", "get_transform", "get_val_dataset",
+    "prepare_root", "make_split", "read_image",
     "read_mask", "read_split_ids", "voc_dir",
 ]
 
@@ -35,10 +36,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def get_datasets(data_cfg: Any) -> tuple[VOCSegmentation, VOCSegmentation, dict]:
-    """(train dataset on the split, whole val dataset, split record) from the `data` config node."""
-    from deeplab_dropout.data.transforms import get_transform
-
+def prepare_root(data_cfg: Any) -> Path:
+    """The dataset root of the `data` config node, generated (data.synth) or downloaded (data.download) if
+    it isn't there yet."""
     root = Path(str(data_cfg.root)).expanduser()
     synth = data_cfg.get("synth")
     if synth is not None:
@@ -47,10 +47,25 @@ def get_datasets(data_cfg: Any) -> tuple[VOCSegmentation, VOCSegmentation, dict]
                  min_side=int(synth.min_side), max_side=int(synth.max_side))
     elif data_cfg.get("download", False) and not voc_dir(root).is_dir():
         download_voc(root)
+    return root
+
+
+def get_val_dataset(data_cfg: Any) -> VOCSegmentation:
+    """The whole val list with the val transform (`data.val_crop`)."""
+    from deeplab_dropout.data.transforms import get_transform
+
+    return VOCSegmentation(prepare_root(data_cfg), str(data_cfg.val_split),
+                           transforms=get_transform(False, data_cfg))
+
+
+def get_datasets(data_cfg: Any) -> tuple[VOCSegmentation, VOCSegmentation, dict]:
+    """(train dataset on the split, whole val dataset, split record) from the `data` config node."""
+    from deeplab_dropout.data.transforms import get_transform
+
+    root = prepare_root(data_cfg)
     path, manifest = make_split(root, float(data_cfg.fraction), int(data_cfg.split_seed), str(data_cfg.train_split))
     train = VOCSegmentation(root, str(data_cfg.train_split), ids=manifest["ids"],
                             transforms=get_transform(True, data_cfg))
-    val = VOCSegmentation(root, str(data_cfg.val_split), transforms=get_transform(False, data_cfg))
     record = {"manifest": str(path), "sha256": manifest["sha256"], "fraction": manifest["fraction"],
               "seed": manifest["seed"], "n_images": len(manifest["ids"]), "per_class": manifest["per_class"]}
-    return train, val, record
+    return train, get_val_dataset(data_cfg), record
