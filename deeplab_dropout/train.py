@@ -257,7 +257,7 @@ def check_resumable(saved: dict, cfg: DictConfig, run_dir: Path) -> None:
         first = diff[0]
         raise ConfigError(f"{run_dir / 'checkpoints/last.pt'} was trained with a different config "
                           f"({first}: {a.get(first)!r} -> {b.get(first)!r}{' and more' if len(diff) > 1 else ''}); "
-                          "choose another run dir (hydra.run.dir=...) or delete it")
+                          "use another hydra.run.dir (hydra.sweep.dir for -m) or delete that folder")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -282,7 +282,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         if last_path.exists():
             if cfg.trainer.resume == "never":
                 raise ConfigError(f"trainer.resume=never but {run_dir} already holds a run (checkpoints/last.pt); "
-                                  "use trainer.resume=auto to continue it, or another hydra.run.dir")
+                                  "use trainer.resume=auto to continue it, or another hydra.run.dir (hydra.sweep.dir for -m)")
             resume_state = load_checkpoint(last_path)
             check_resumable(resume_state["config"], cfg, run_dir)
         seed_everything(cfg.seed)
