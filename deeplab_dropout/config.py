@@ -12,9 +12,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from deeplab_dropout.model import ARCHS, regularizer_sites
+from deeplab_dropout.schedules import GRANULARITIES, SCHEDULE_NAMES
 
-SCHEDULES = ("constant", "linear")
-GRANULARITIES = ("iteration", "epoch")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VAL_CROPS = ("center", "full")
 MONITORS = ("miou", "pixel_acc", "per_image_miou_mean")
@@ -76,7 +75,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.dropout.p < 1, "dropout.p", cfg.dropout.p, "a number in [0, 1)")
     _number("dropout.block_size", cfg.dropout.block_size, 1, integer=True)
 
-    _one_of("schedule.name", cfg.schedule.name, SCHEDULES)
+    _one_of("schedule.name", cfg.schedule.name, SCHEDULE_NAMES)
     _one_of("schedule.granularity", cfg.schedule.granularity, GRANULARITIES)
     _number("schedule.ramp_epochs", cfg.schedule.ramp_epochs, 0)
     if cfg.schedule.name == "linear":
