@@ -9,15 +9,18 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from deeplab_dropout.model import ARCHS, regularizer_sites
+from deeplab_dropout.model import ARCHS, BACKBONES, regularizer_sites
 from deeplab_dropout.schedules import GRANULARITIES, SCHEDULE_NAMES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VAL_CROPS = ("center", "full")
 MONITORS = ("miou", "pixel_acc", "per_image_miou_mean")
 RESUME = ("auto", "never")
+SPLIT_METHODS = ("per_class", "authors", "min_cover")
+LOSSES = ("ce",)
+POOL_NORMS = ("bn", "none")
 
 
 class ConfigError(ValueError):
@@ -43,6 +46,16 @@ def _number(key: str, value, low: float, high: float | None = None, *, low_open=
     _check(ok, key, value, f"{kind} in {rng}")
 
 
+def _multi_grid(m: DictConfig) -> None:
+    """layer4's Multi-Grid: one positive integer per layer4 block (extra entries are unused)."""
+    grid = list(m.multi_grid) if OmegaConf.is_list(m.multi_grid) else m.multi_grid
+    blocks = BACKBONES[m.backbone][0][3]
+    ok = isinstance(grid, list) and len(grid) >= blocks and all(
+        isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+    _check(ok, "model.multi_grid", grid, f"a list of {blocks} positive integers (one per layer4 block of "
+           f"{m.backbone}), e.g. [1, 2, 4]")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value in a composed train/eval config."""
     m = cfg.model
@@ -57,6 +70,9 @@ def validate(cfg: DictConfig) -> None:
     if pre not in named and not Path(str(pre)).expanduser().is_file():
         raise ConfigError(f"model.pretrained={pre!r} is invalid: expected {', '.join(named)} or an existing file")
     _number("model.num_classes", m.num_classes, 2, integer=True)
+    _one_of("model.pool_norm", m.pool_norm, POOL_NORMS)
+    if m.arch == "deeplabv3plus":
+        _multi_grid(m)
 
     d = cfg.data
     _number("data.fraction", d.fraction, 0, 1, low_open=True)
@@ -64,6 +80,7 @@ def validate(cfg: DictConfig) -> None:
     _number("data.crop_size", d.crop_size, 1, integer=True)
     _number("data.base_size", d.base_size, 1, integer=True)
     _one_of("data.val_crop", d.val_crop, VAL_CROPS)
+    _one_of("data.split_method", d.split_method, SPLIT_METHODS)
     lo, hi = d.scale_range
     _check(0 < lo <= hi, "data.scale_range", list(d.scale_range), "[min, max] with 0 < min <= max")
     lo, hi = d.blur_radius
@@ -81,6 +98,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.schedule.name == "linear":
         _number("schedule.ramp_epochs", cfg.schedule.ramp_epochs, 0, low_open=True)
 
+    _one_of("loss.name", cfg.loss.name, LOSSES)
+    _one_of("loss.batch_average", cfg.loss.batch_average, (True, False))
+
     o = cfg.optim
     _number("optim.lr", o.lr, 0, low_open=True)
     _number("optim.head_lr_mult", o.head_lr_mult, 0, low_open=True)
@@ -91,6 +111,9 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     _number("trainer.epochs", t.epochs, 1, integer=True)
     _number("trainer.batch_size", t.batch_size, 1, integer=True)
+    if t.batch_size == 1 and m.pool_norm == "bn":
+        raise ConfigError("trainer.batch_size=1 is invalid with model.pool_norm=bn: the image-pooling BatchNorm "
+                          "sees one value per channel in training; use a batch of 2 or more, or model.pool_norm=none")
     _number("trainer.val_batch_size", t.val_batch_size, 1, integer=True)
     _number("trainer.num_workers", t.num_workers, 0, integer=True)
     _number("trainer.eval_every", t.eval_every, 1, integer=True)

@@ -31,7 +31,7 @@ from deeplab_dropout.train import (
 )
 
 log = logging.getLogger("deeplab_dropout")
-GROUPS = ("model", "data", "dropout", "placement", "schedule", "optim", "trainer")
+GROUPS = ("model", "data", "dropout", "placement", "schedule", "loss", "optim", "trainer")
 
 
 def checkpoint_config(cfg: DictConfig, saved: dict, overrides: list[str]) -> DictConfig:

@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Config keys that may change when a run is resumed (and that the report ignores when it groups runs into
+# experiments): they don't change what is computed.
+RESUME_FREE_KEYS = ("trainer.resume", "trainer.progress", "trainer.num_workers", "trainer.device", "data.root")
+
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(file_object)`` on a temp file beside ``path``, then rename over it (no torn files)."""

@@ -28,7 +28,7 @@ from deeplab_dropout.data.split import class_presence
 from deeplab_dropout.data.transforms import denormalize
 from deeplab_dropout.metrics import SegmentationMetrics
 from deeplab_dropout.model import build_model, describe_sites
-from deeplab_dropout.results import RunResults, load_checkpoint, save_checkpoint
+from deeplab_dropout.results import RESUME_FREE_KEYS, RunResults, load_checkpoint, save_checkpoint
 from deeplab_dropout.schedules import poly_lr, scheduled_drop_p
 from deeplab_dropout.tb import HPARAM_METRICS, TBLogger, strip
 
@@ -37,8 +37,6 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DROPOUT_SHORT = {"channel": "chandrop", "dropblock": "dropblock", "uout": "uout"}
 PLACEMENT_NAMES = {(True, False, False): "resnet", (False, True, False): "spp", (False, False, True): "decoder",
                    (False, True, True): "upper", (True, True, True): "all"}
-# Keys that may change when a run is resumed: they don't change what is computed.
-RESUME_FREE_KEYS = ("trainer.resume", "trainer.progress", "trainer.num_workers", "trainer.device", "data.root")
 
 
 def placement_name(cfg: DictConfig) -> str:
