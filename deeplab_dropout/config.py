@@ -52,8 +52,8 @@ def _multi_grid(m: DictConfig) -> None:
     blocks = BACKBONES[m.backbone][0][3]
     ok = isinstance(grid, list) and len(grid) >= blocks and all(
         isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
-    _check(ok, "model.multi_grid", grid, f"a list of {blocks} positive integers (one per layer4 block of "
-           f"{m.backbone}), e.g. [1, 2, 4]")
+    _check(ok, "model.multi_grid", grid, f"a list of at least {blocks} positive integers (one per layer4 "
+           f"block of {m.backbone}), e.g. [1, 2, 4]")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -35,8 +35,9 @@ GROUPS = ("model", "data", "dropout", "placement", "schedule", "loss", "optim", 
 
 
 def checkpoint_config(cfg: DictConfig, saved: dict, overrides: list[str]) -> DictConfig:
-    """The checkpoint's run config with this call's command-line overrides applied on top of it."""
-    merged = OmegaConf.create(saved)
+    """The checkpoint's run config with this call's command-line overrides applied on top of it (keys the
+    checkpoint predates take today's defaults)."""
+    merged = OmegaConf.merge(OmegaConf.to_container(cfg), saved)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "checkpoint" or key.startswith("hydra"):

@@ -3,6 +3,9 @@
 Regulariser slots are registered as empty (``None``) child modules where the forward pass consults them, so
 placing a regulariser changes no parameter path: backbone keys stay torchvision's (ImageNet weights load
 as is) and checkpoints of any cell load into a model of any other cell.
+
+Where the paper is silent this follows the authors' code: layer4 Multi-Grid (``model.multi_grid``) and BN in
+the ASPP image pooling (``model.pool_norm``). config.validate checks these values; this module trusts them.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from deeplab_dropout.regularizers import Regularizer, make_regularizer
 
-__all__ = ["DeepLabV3Plus", "TorchvisionDeepLabV3", "SegmentationModel", "build_model", "regularizer_sites", "describe_sites", "make_regularizer",
-           "load_backbone_weights", "BACKBONES"]
+__all__ = ["DeepLabV3Plus", "TorchvisionDeepLabV3", "SegmentationModel", "ResNetBackbone", "ImagePooling",
+           "build_model", "regularizer_sites", "describe_sites", "make_regularizer", "load_backbone_weights",
+           "BACKBONES"]
 
 # Blocks per layer of each torchvision ResNet (and whether it uses Bottleneck blocks).
 BACKBONES: dict[str, tuple[list[int], bool]] = {
@@ -28,8 +32,9 @@ BACKBONES: dict[str, tuple[list[int], bool]] = {
     "resnet101": ([3, 4, 23, 3], True),
     "resnet152": ([3, 8, 36, 3], True),
 }
-# layer2..layer4 stride -> dilation, and the ASPP rates that keep the same field of view.
-DILATIONS = {16: [False, False, True], 8: [False, True, True]}
+# Dilation rate of layer2..layer4 per output stride (a stage with rate > 1 drops its stride; layer4's blocks
+# further multiply it by the Multi-Grid), and the ASPP rates that keep the same field of view.
+STAGE_RATES = {16: (1, 1, 2), 8: (1, 2, 4)}
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 ARCHS = ("deeplabv3plus", "torchvision_deeplabv3")
 RESNET_SITES = ("blocks", "stages", "first_block")
@@ -54,8 +59,7 @@ class _SiteBasicBlock(BasicBlock):
                  norm_layer: Callable[..., nn.Module] | None = None) -> None:
         # torchvision refuses dilation for BasicBlock; dilate both 3x3 convs as Bottleneck does its 3x3.
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, 1, norm_layer)
-        for conv in (self.conv1, self.conv2):
-            conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+        _set_dilation(self, dilation)
         self.register_module("branch_drop", None)
         self.register_module("drop", None)
 
@@ -87,22 +91,38 @@ class _SiteBottleneck(Bottleneck):
         return out if self.drop is None else self.drop(out)
 
 
+def _set_dilation(block: nn.Module, rate: int) -> None:
+    """Dilate a residual block's 3x3 conv(s) (Bottleneck: conv2; BasicBlock: both); sizes are kept."""
+    convs = (block.conv2,) if isinstance(block, Bottleneck) else (block.conv1, block.conv2)
+    for conv in convs:
+        conv.dilation, conv.padding = (rate, rate), (rate, rate)
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet without avgpool/fc, dilated to output stride 16 or 8; returns (layer1, layer4).
 
-    Parameter names equal torchvision's, so its state dicts (minus ``fc.*``) load directly.
+    layer4's block j is dilated by its stage rate x ``multi_grid[j]`` (extra entries unused). Parameter
+    names equal torchvision's, so its state dicts (minus ``fc.*``) load directly.
     """
 
-    def __init__(self, name: str = "resnet101", output_stride: int = 16) -> None:
+    def __init__(self, name: str = "resnet101", output_stride: int = 16,
+                 multi_grid: tuple[int, ...] = (1, 2, 4)) -> None:
         super().__init__()
         if name not in BACKBONES:
             raise _invalid("model.backbone", name, BACKBONES)
-        if output_stride not in DILATIONS:
-            raise _invalid("model.output_stride", output_stride, sorted(DILATIONS))
+        if output_stride not in STAGE_RATES:
+            raise _invalid("model.output_stride", output_stride, sorted(STAGE_RATES))
         layers, bottleneck = BACKBONES[name]
         block = _SiteBottleneck if bottleneck else _SiteBasicBlock
-        net = ResNet(block, layers, replace_stride_with_dilation=DILATIONS[output_stride])
-        self.name, self.output_stride = name, output_stride
+        rates = STAGE_RATES[output_stride]
+        net = ResNet(block, layers, replace_stride_with_dilation=[r > 1 for r in rates])
+        # torchvision leaves the first block of a dilated stage at the previous rate; DeepLabv3 and the
+        # authors dilate every block, so set each one (layer4 with the Multi-Grid).
+        for i, rate in zip((2, 3, 4), rates, strict=True):
+            grid = multi_grid if i == 4 else (1,) * layers[i - 1]
+            for j, blk in enumerate(getattr(net, f"layer{i}")):
+                _set_dilation(blk, rate * grid[j])
+        self.name, self.output_stride, self.multi_grid = name, output_stride, tuple(multi_grid)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         for i in range(1, 5):
             self.add_module(f"layer{i}", getattr(net, f"layer{i}"))
@@ -142,21 +162,26 @@ class ConvBNReLU(nn.Module):
 
 
 class ImagePooling(nn.Module):
-    """ASPP image-level branch: global average pool -> 1x1 conv (with bias) -> ReLU -> broadcast to H x W.
+    """ASPP image-level branch: global average pool -> 1x1 conv -> BN -> ReLU -> bilinear to H x W.
 
-    No BatchNorm here on purpose: on the 1x1 pooled map BN sees one value per channel per sample, so it
-    raises in training with batch size 1 (and is very noisy with small batches) -- the peers' bug.
+    BN (``pool_norm="bn"``) is the default for fidelity: the authors' code, the reimplementation the paper
+    builds on and torchvision all use it. On the 1x1 pooled map it sees one value per channel per sample, so
+    training with batch size 1 fails (config.validate says so in one line); ``pool_norm="none"`` (1x1 conv
+    with bias -> ReLU) allows it.
     """
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, pool_norm: str = "bn") -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.conv = nn.Conv2d(cin, cout, 1, bias=True)
+        # Same child names as ConvBNReLU (conv, bn), but that one's drop would act before the upsampling.
+        self.conv = nn.Conv2d(cin, cout, 1, bias=pool_norm != "bn")
+        self.register_module("bn", nn.BatchNorm2d(cout) if pool_norm == "bn" else None)
         self.relu = nn.ReLU(inplace=True)
         self.register_module("drop", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.relu(self.conv(self.pool(x)))
+        y = self.conv(self.pool(x))
+        y = self.relu(y if self.bn is None else self.bn(y))
         y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return y if self.drop is None else self.drop(y)
 
@@ -164,12 +189,13 @@ class ImagePooling(nn.Module):
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: 1x1 + three 3x3 atrous + image pooling, concat, 1x1 projection."""
 
-    def __init__(self, cin: int, channels: int = 256, rates: tuple[int, int, int] = (6, 12, 18)) -> None:
+    def __init__(self, cin: int, channels: int = 256, rates: tuple[int, int, int] = (6, 12, 18),
+                 pool_norm: str = "bn") -> None:
         super().__init__()
         self.branches = nn.ModuleList(
             [ConvBNReLU(cin, channels, 1)]
             + [ConvBNReLU(cin, channels, 3, dilation=r) for r in rates]
-            + [ImagePooling(cin, channels)]
+            + [ImagePooling(cin, channels, pool_norm)]
         )
         self.project = ConvBNReLU(len(self.branches) * channels, channels, 1)
         self.register_module("drop", None)  # the `spp output` site (no built-in dropout, unlike the peers)
@@ -234,10 +260,11 @@ class DeepLabV3Plus(SegmentationModel):
     """
 
     def __init__(self, backbone: str = "resnet101", num_classes: int = 21, output_stride: int = 16,
-                 aspp_channels: int = 256, low_level_channels: int = 48) -> None:
+                 aspp_channels: int = 256, low_level_channels: int = 48,
+                 multi_grid: tuple[int, ...] = (1, 2, 4), pool_norm: str = "bn") -> None:
         super().__init__()
-        self.backbone = ResNetBackbone(backbone, output_stride)
-        self.aspp = ASPP(self.backbone.high_channels, aspp_channels, ASPP_RATES[output_stride])
+        self.backbone = ResNetBackbone(backbone, output_stride, multi_grid)
+        self.aspp = ASPP(self.backbone.high_channels, aspp_channels, ASPP_RATES[output_stride], pool_norm)
         self.decoder = Decoder(self.backbone.low_channels, low_level_channels, aspp_channels, num_classes)
         _init_head(self.aspp)
         _init_head(self.decoder)
@@ -437,10 +464,8 @@ def build_model(cfg) -> SegmentationModel:
     if arch == "torchvision_deeplabv3":
         return build_torchvision_deeplabv3(cfg)
     sites = regularizer_sites(cfg)  # validates placement before any weights are fetched
-    if m.output_stride not in DILATIONS:
-        raise _invalid("model.output_stride", m.output_stride, sorted(DILATIONS))
     model = DeepLabV3Plus(m.backbone, int(m.num_classes), int(m.output_stride), int(m.aspp_channels),
-                          int(m.low_level_channels))
+                          int(m.low_level_channels), tuple(m.multi_grid), m.pool_norm)
     load_backbone_weights(model.backbone, m.pretrained)
     if sites:
         make_regularizer(cfg.dropout)  # validate p / block_size once, with a clear message

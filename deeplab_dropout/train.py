@@ -16,7 +16,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -26,6 +25,7 @@ from deeplab_dropout.config import ConfigError, validate
 from deeplab_dropout.data import get_datasets
 from deeplab_dropout.data.split import class_presence
 from deeplab_dropout.data.transforms import denormalize
+from deeplab_dropout.loss import pixel_loss_sum, reduce_loss
 from deeplab_dropout.metrics import SegmentationMetrics
 from deeplab_dropout.model import build_model, describe_sites
 from deeplab_dropout.results import RESUME_FREE_KEYS, RunResults, load_checkpoint, save_checkpoint
@@ -95,12 +95,6 @@ def resolve_device(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None, b
     return device, amp_dtype, bool(channels_last)
 
 
-def criterion(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> tuple[torch.Tensor, int]:
-    """Per-pixel cross-entropy summed over valid pixels, and their count (mean = sum / count, once)."""
-    loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
-    return loss, int((target != ignore_index).sum())
-
-
 def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.SGD:
     """SGD with two groups: backbone at optim.lr, ASPP + decoder at optim.lr * optim.head_lr_mult."""
     o = cfg.optim
@@ -144,7 +138,7 @@ def forward(model, images, targets, device, amp_dtype, channels_last: bool, igno
     targets = targets.to(device, non_blocking=True)
     with autocast(device, amp_dtype):
         logits = model(images)
-    loss_sum, n_px = criterion(logits, targets, ignore_index)
+    loss_sum, n_px = pixel_loss_sum(logits, targets, ignore_index)
     return logits, targets, loss_sum, n_px
 
 
@@ -168,7 +162,7 @@ def train_one_epoch(model, optimizer, scaler, loader, cfg, device, amp_dtype, ch
 
         _, _, loss_sum, n_px = forward(model, images, targets, device, amp_dtype, channels_last,
                                        cfg.data.ignore_index)
-        loss = loss_sum / max(n_px, 1)
+        loss = reduce_loss(loss_sum, n_px, targets.shape[0], cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -183,8 +177,9 @@ def train_one_epoch(model, optimizer, scaler, loader, cfg, device, amp_dtype, ch
     bar.close()
     if not math.isfinite(total_loss):
         raise FloatingPointError(f"training loss is {total_loss} in epoch {epoch + 1}")
-    return {"train_loss": total_loss / max(total_px, 1), "lr": optimizer.param_groups[0]["lr"],
-            "lr_head": optimizer.param_groups[1]["lr"], "drop_p": drop_p, "iteration": it + 1}
+    # On the configured scale (loss.batch_average divides by trainer.batch_size, every step's batch size).
+    return {"train_loss": reduce_loss(total_loss, total_px, cfg.trainer.batch_size, cfg.loss),
+            "lr": optimizer.param_groups[0]["lr"], "lr_head": optimizer.param_groups[1]["lr"], "drop_p": drop_p, "iteration": it + 1}
 
 
 @torch.no_grad()
@@ -204,7 +199,8 @@ def evaluate(model, loader, cfg, device, amp_dtype, channels_last, progress: boo
         metrics.update(logits.argmax(1), targets)
         seen += targets.shape[0]
     out = metrics.compute()
-    out["val_loss"] = total_loss / max(total_px, 1)
+    # The training loss's scale (whatever the val batch size), so val_loss compares with train_loss.
+    out["val_loss"] = reduce_loss(total_loss, total_px, cfg.trainer.batch_size, cfg.loss)
     out["image_miou"] = metrics.image_miou.tolist()
     return out
 

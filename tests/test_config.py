@@ -64,6 +64,11 @@ def test_command_line_beats_cell_preset():
     ("data.val_crop=random", "data.val_crop"),
     ("model.backbone=vgg16", "model.backbone"),
     ("model.pretrained=/no/such/file.pth", "model.pretrained"),
+    ("model.pool_norm=gn", "model.pool_norm"),
+    ("model.multi_grid=[1,2]", "model.multi_grid"),  # ResNet-101's layer4 has 3 blocks
+    ("model.multi_grid=[1,0,4]", "model.multi_grid"),
+    ("model.multi_grid=[1,2.5,4]", "model.multi_grid"),
+    ("model.multi_grid=2", "model.multi_grid"),
     ("optim.lr=0", "optim.lr"),
 ])
 def test_invalid_values_fail_in_one_line(override, key):
@@ -72,3 +77,19 @@ def test_invalid_values_fail_in_one_line(override, key):
         validate(cfg)
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith(f"{key}=")
+
+
+def test_batch_of_one_needs_pool_norm_none():
+    # The image-pooling BN sees one value per channel with batch 1; PyTorch raises mid-training otherwise.
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["trainer.batch_size=1"]))
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("trainer.batch_size=1") and "model.pool_norm" in msg
+    validate(compose_cfg(["trainer.batch_size=1", "model.pool_norm=none"]))
+
+
+def test_multi_grid_needs_one_entry_per_layer4_block():
+    validate(compose_cfg(["model=deeplabv3plus_resnet18", "model.multi_grid=[1,2]"]))  # 2 blocks in layer4
+    validate(compose_cfg(["model.multi_grid=[1,1,1]"]))
+    with pytest.raises(ConfigError, match=r"^model\.multi_grid=\[1\]"):
+        validate(compose_cfg(["model=deeplabv3plus_resnet18", "model.multi_grid=[1]"]))

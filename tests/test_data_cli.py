@@ -43,6 +43,26 @@ def test_split_prints_table_and_manifest_path_last(synth_root, capsys):
     assert f"total: {len(data['ids'])}" in table
 
 
+def test_split_method_authors_prints_comparison_and_manifest_last(synth_root, capsys):
+    assert main(["split", "--root", str(synth_root), "--method", "authors", "--fraction", "0.2", "--seed", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    manifest = Path(lines[-1])
+    data = json.loads(manifest.read_text())
+    assert data["method"] == "authors" and manifest.name == "train_authors_frac0.2_seed3.json"
+    rows = {ln.split()[0]: ln.split()[1:] for ln in lines[:-1] if ln.split()}
+    assert {"per_class", "authors", "min_cover", "pool"} <= set(rows)
+    assert rows["authors"] == [str(len(data["ids"])), str(data["n_unique"]), f"{data['mean_classes']:.3f}"]
+    assert rows["pool"][:2] == [str(len(VOCSegmentation(synth_root, "train")))] * 2
+    # The comparison is computed, not written: only the chosen method's manifest exists for this seed.
+    assert [p.name for p in manifest.parent.glob("*seed3.json")] == [manifest.name]
+
+
+def test_split_rejects_unknown_method(synth_root, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["split", "--root", str(synth_root), "--method", "greedy"])
+    assert e.value.code == 2 and "per_class" in capsys.readouterr().err
+
+
 def test_bad_root_exits_2_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["split", "--root", str(tmp_path / "missing")])
@@ -56,7 +76,7 @@ def test_module_entry_point(synth_root, tmp_path):
     ok = subprocess.run([*run, str(synth_root), "--seed", "1"], cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     last = ok.stdout.strip().splitlines()[-1]
-    assert Path(last).is_file() and Path(last).name == "train_frac0.1_seed1.json"
+    assert Path(last).is_file() and Path(last).name == "train_per_class_frac0.1_seed1.json"
     bad = subprocess.run([*run, str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     err = bad.stderr.strip()

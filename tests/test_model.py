@@ -1,4 +1,4 @@
-"""DeepLabv3+ architecture, the Table 2 placements, and weight loading (never downloads)."""
+"""DeepLabv3+ architecture (Multi-Grid, image pooling), Table 2 placements, weight loading (no downloads)."""
 from __future__ import annotations
 
 import urllib.error
@@ -8,7 +8,14 @@ import pytest
 import torch
 import torchvision
 
-from deeplab_dropout.model import DeepLabV3Plus, build_model, describe_sites, regularizer_sites
+from deeplab_dropout.model import (
+    DeepLabV3Plus,
+    ImagePooling,
+    ResNetBackbone,
+    build_model,
+    describe_sites,
+    regularizer_sites,
+)
 from deeplab_dropout.regularizers import ChannelDropout, DropBlock, Regularizer, UOut
 
 CELL_DIR = Path(__file__).resolve().parents[1] / "conf" / "cell"
@@ -34,6 +41,31 @@ def tv_blocks(name: str) -> list[int]:
     return [len(getattr(net, f"layer{i}")) for i in range(1, 5)]
 
 
+def convs3x3(block: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    """A residual block's 3x3 convs, found by kernel size (Bottleneck: one; BasicBlock: two)."""
+    return [m for m in block.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+
+
+def block_rates(layer: torch.nn.Module) -> list[int]:
+    """Per block, the dilation of its 3x3 convs (each equal to its padding, the same within a block)."""
+    rates = []
+    for block in layer:
+        seen = {(c.dilation, c.padding) for c in convs3x3(block)}
+        assert len(seen) == 1 and all(d == p and d[0] == d[1] for d, p in seen), seen
+        rates.append(next(iter(seen))[0][0])
+    return rates
+
+
+def dilate_by_hand(tv: torch.nn.Module, rates: dict[int, list[int]]) -> None:
+    """Make a plain torchvision ResNet the expected dilated one: no stride in those stages, given rates."""
+    for stage, per_block in rates.items():
+        layer = getattr(tv, f"layer{stage}")
+        layer[0].downsample[0].stride = (1, 1)
+        for block, r in zip(layer, per_block, strict=True):
+            for conv in convs3x3(block):
+                conv.stride, conv.dilation, conv.padding = (1, 1), (r, r), (r, r)
+
+
 # --- architecture -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model,os,size", [("resnet18", 16, (97, 131)), ("resnet18", 8, (97, 131)),
@@ -49,12 +81,16 @@ def test_output_shape_any_size_and_output_stride(compose_config, model, os, size
     assert net.aspp.branches[1].conv.dilation == ((6, 6) if os == 16 else (12, 12))
 
 
-@pytest.mark.parametrize("name,os", [("resnet18", 16), ("resnet50", 8)])
-def test_backbone_computes_what_torchvision_computes(compose_config, name, os):
-    """Same weights, same features: the block rewrite (regulariser slots) does not change the maths."""
+@pytest.mark.parametrize("name,os,rates", [
+    ("resnet18", 16, {4: [2, 4]}),
+    ("resnet50", 8, {3: [2] * 6, 4: [4, 8, 16]}),
+])
+def test_backbone_computes_what_torchvision_computes(compose_config, name, os, rates):
+    """Same weights, same features as torchvision's ResNet dilated by hand to the Multi-Grid rates: the block
+    rewrite (regulariser slots, dilation) does not change the maths."""
     torch.manual_seed(0)
-    dilated = os == 8 and name == "resnet50"  # torchvision can dilate Bottleneck nets only
-    tv = torchvision.models.get_model(name, replace_stride_with_dilation=[False, True, True] if dilated else None)
+    tv = torchvision.models.get_model(name)
+    dilate_by_hand(tv, rates)
     net = build_model(compose_config([f"model=deeplabv3plus_{name}", "model.pretrained=none",
                                       f"model.output_stride={os}", "cell=all-uout"])).eval()
     net.backbone.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
@@ -64,22 +100,119 @@ def test_backbone_computes_what_torchvision_computes(compose_config, name, os):
         low, high = net.backbone(x)
         ref_low = tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))
         torch.testing.assert_close(low, ref_low)
-        if dilated:
-            torch.testing.assert_close(high, tv.layer4(tv.layer3(tv.layer2(ref_low))))
-        else:  # layer3 is undilated at OS16
-            torch.testing.assert_close(net.backbone.layer3(net.backbone.layer2(low)), tv.layer3(tv.layer2(ref_low)))
+        torch.testing.assert_close(high, tv.layer4(tv.layer3(tv.layer2(ref_low))))
+    assert high.shape[-2:] == (64 // os, 80 // os)
 
 
-def test_batch_of_one_trains(compose_config):
-    net = build_model(compose_config(R18 + ["cell=all-dropblock"])).train()
+@pytest.mark.parametrize("name,os,grid,layer3,layer4", [
+    ("resnet101", 16, "[1,2,4]", [1] * 23, [2, 4, 8]),
+    ("resnet101", 8, "[1,2,4]", [2] * 23, [4, 8, 16]),  # every layer3 block, the first included
+    ("resnet101", 16, "[1,1,1]", [1] * 23, [2, 2, 2]),
+    ("resnet18", 16, "[1,2,4]", [1, 1], [2, 4]),  # the third entry is unused
+    ("resnet18", 8, "[1,2]", [2, 2], [4, 8]),
+])
+def test_multi_grid_dilations(compose_config, name, os, grid, layer3, layer4):
+    cfg = compose_config([f"model=deeplabv3plus_{name}", "model.pretrained=none", f"model.output_stride={os}",
+                          f"model.multi_grid={grid}"])
+    backbone = build_meta(cfg).backbone
+    blocks = tv_blocks(name)
+    assert [len(convs3x3(b)) for b in backbone.layer4] == [2 if name == "resnet18" else 1] * blocks[3]
+    assert block_rates(backbone.layer1) == [1] * blocks[0] and block_rates(backbone.layer2) == [1] * blocks[1]
+    assert block_rates(backbone.layer3) == layer3
+    assert block_rates(backbone.layer4) == layer4
+
+
+def test_standalone_defaults_are_the_config_defaults(compose_config):
+    """From Python, DeepLabV3Plus()/ResNetBackbone() default to Multi-Grid (1, 2, 4), BN in image pooling."""
+    with torch.device("meta"):
+        net = DeepLabV3Plus("resnet18")
+        backbone = ResNetBackbone("resnet101")
+    configured = build_meta(compose_config(R18))
+    assert block_rates(net.backbone.layer4) == block_rates(configured.backbone.layer4) == [2, 4]
+    assert block_rates(backbone.layer4) == [2, 4, 8]
+    assert net.state_dict().keys() == configured.state_dict().keys()
+    assert isinstance(net.aspp.branches[4].bn, torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("os", [8, 16])
+def test_output_size_odd_input_with_multi_grid(compose_config, os):
+    torch.manual_seed(0)
+    cfg = compose_config(R18 + [f"model.output_stride={os}", "model.multi_grid=[1,2,4]"])
+    net = build_model(cfg).eval()
+    x = torch.randn(2, 3, 65, 65)
+    with torch.no_grad():
+        assert net(x).shape == (2, 21, 65, 65)
+        _, high = net.backbone(x)
+    size = 65
+    for _ in range({16: 4, 8: 3}[os]):  # stem conv, maxpool, layer2 (and layer3 at OS16) halve, rounding up
+        size = (size - 1) // 2 + 1
+    assert high.shape[-2:] == (size, size)
+
+
+def test_batch_of_one_trains_without_pooling_bn(compose_config):
+    net = build_model(compose_config(R18 + ["cell=all-dropblock", "model.pool_norm=none"])).train()
     out = net(torch.randn(1, 3, 65, 71))
     assert out.shape == (1, 21, 65, 71)
     out.mean().backward()
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_resnet101_parameter_count(compose_config):
-    net = build_meta(compose_config(R101 + ["cell=all-uout"]))
+def test_batch_of_one_with_pooling_bn_evaluates_but_cannot_train(compose_config):
+    torch.manual_seed(0)
+    net = build_model(compose_config(R18)).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 65, 65)).shape == (1, 21, 65, 65)
+    # Why config.validate rejects trainer.batch_size=1 with model.pool_norm=bn.
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        net.train()(torch.randn(1, 3, 65, 65))
+
+
+def _pooling_branch(net: DeepLabV3Plus) -> torch.nn.Module:
+    def pools(branch: torch.nn.Module) -> bool:
+        return any(isinstance(m, torch.nn.AdaptiveAvgPool2d) for m in branch.modules())
+
+    pooling = [b for b in net.aspp.branches if pools(b)]
+    assert len(pooling) == 1
+    return pooling[0]
+
+
+@pytest.mark.parametrize("pool_norm", ["bn", "none"])
+def test_image_pooling_norm(compose_config, pool_norm):
+    branch = _pooling_branch(build_meta(compose_config(R18 + [f"model.pool_norm={pool_norm}"])))
+    bns = [m for m in branch.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    (conv,) = [m for m in branch.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert conv.kernel_size == (1, 1)
+    if pool_norm == "bn":
+        assert len(bns) == 1 and isinstance(bns[0], torch.nn.BatchNorm2d) and conv.bias is None
+    else:
+        assert bns == [] and conv.bias is not None
+
+
+@pytest.mark.parametrize("pool_norm", ["bn", "none"])
+def test_image_pooling_computes_pool_conv_norm_relu(pool_norm):
+    torch.manual_seed(0)
+    branch = ImagePooling(8, 4, pool_norm).eval()
+    for t in branch.parameters():
+        torch.nn.init.normal_(t)
+    if pool_norm == "bn":
+        branch.bn.running_mean.normal_()
+        branch.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 8, 5, 7)
+    y = branch.conv.weight.flatten(1) @ x.mean(dim=(2, 3)).T  # (4, 2): the 1x1 conv on the global mean
+    if pool_norm == "bn":
+        bn = branch.bn
+        y = (y - bn.running_mean[:, None]) / (bn.running_var[:, None] + bn.eps).sqrt()
+        y = y * bn.weight[:, None] + bn.bias[:, None]
+    else:
+        y = y + branch.conv.bias[:, None]
+    expected = y.T.relu()[:, :, None, None].expand(2, 4, 5, 7)  # constant over H x W
+    with torch.no_grad():
+        torch.testing.assert_close(branch(x), expected)
+
+
+@pytest.mark.parametrize("pool_norm,expected", [("bn", 59_344_309), ("none", 59_344_053)])
+def test_resnet101_parameter_count(compose_config, pool_norm, expected):
+    net = build_meta(compose_config(R101 + ["cell=all-uout", f"model.pool_norm={pool_norm}"]))
     with torch.device("meta"):
         tv = torchvision.models.resnet101()
     c, a, low, k, lowin = 2048, 256, 48, 21, 256  # layer4 / ASPP / low-level / classes / layer1 channels
@@ -87,15 +220,16 @@ def test_resnet101_parameter_count(compose_config):
     def conv_bn(cin: int, cout: int, ks: int) -> int:  # bias-free conv + BN weight and bias
         return cin * cout * ks * ks + 2 * cout
 
-    backbone = n_params(tv) - n_params(tv.fc)
-    aspp = conv_bn(c, a, 1) + 3 * conv_bn(c, a, 3) + (c * a + a) + conv_bn(5 * a, a, 1)  # pooling: conv+bias
+    backbone = n_params(tv) - n_params(tv.fc)  # dilation adds no parameters
+    pooling = conv_bn(c, a, 1) if pool_norm == "bn" else c * a + a  # 1x1 conv + BN, or 1x1 conv with bias
+    aspp = conv_bn(c, a, 1) + 3 * conv_bn(c, a, 3) + pooling + conv_bn(5 * a, a, 1)
     decoder = conv_bn(lowin, low, 1) + conv_bn(low + a, a, 3) + conv_bn(a, a, 3) + (a * k + k)
     assert n_params(net.backbone) == backbone
     assert n_params(net.aspp) == aspp
     assert n_params(net.decoder) == decoder
     total = n_params(net)
-    print(f"DeepLabv3+ ResNet-101 OS16, 21 classes: {total:,} parameters")
-    assert total == backbone + aspp + decoder
+    print(f"DeepLabv3+ ResNet-101 OS16, 21 classes, pool_norm={pool_norm}: {total:,} parameters")
+    assert total == backbone + aspp + decoder == expected  # bn: the reimplementation's count
     assert abs(total - 59.3e6) < 0.1e6  # DESIGN's ballpark for two decoder convs
     assert {n.split(".")[0] for n, _ in net.named_parameters()} == {"backbone", "aspp", "decoder"}
 

@@ -63,9 +63,13 @@ def get_datasets(data_cfg: Any) -> tuple[VOCSegmentation, VOCSegmentation, dict]
     from deeplab_dropout.data.transforms import get_transform
 
     root = prepare_root(data_cfg)
-    path, manifest = make_split(root, float(data_cfg.fraction), int(data_cfg.split_seed), str(data_cfg.train_split))
+    path, manifest = make_split(root, float(data_cfg.fraction), int(data_cfg.split_seed), str(data_cfg.train_split),
+                                method=str(data_cfg.split_method))
+    # `authors` repeats ids on purpose: the dataset then yields such an image once per listing.
     train = VOCSegmentation(root, str(data_cfg.train_split), ids=manifest["ids"],
                             transforms=get_transform(True, data_cfg))
     record = {"manifest": str(path), "sha256": manifest["sha256"], "fraction": manifest["fraction"],
-              "seed": manifest["seed"], "n_images": len(manifest["ids"]), "per_class": manifest["per_class"]}
+              "seed": manifest["seed"], "method": manifest["method"], "n_images": len(manifest["ids"]),
+              "n_unique": manifest["n_unique"], "mean_classes": manifest["mean_classes"],
+              "per_class": manifest["per_class"]}
     return train, get_val_dataset(data_cfg), record

@@ -5,7 +5,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from deeplab_dropout.data.split import make_split
+from deeplab_dropout.data.split import SPLIT_METHODS, class_presence, compare_methods, make_split
 from deeplab_dropout.data.synth import generate
 from deeplab_dropout.data.voc import VOC_CLASSES, DatasetError
 
@@ -20,21 +20,34 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--min-side", type=int, default=300, help="smallest short side in px (default 300)")
     s.add_argument("--max-side", type=int, default=500, help="largest short side in px (default 500)")
-    t = sub.add_parser("split", help="compute (or reuse) the per-class split and print its manifest path")
+    t = sub.add_parser(
+        "split", help="compute (or reuse) the class split, compare the split methods, print the manifest path",
+        description="Keep a fraction of the images of every object class of <split>.txt (masks decide which "
+        "classes an image holds). Prints the per-class table of --method, a comparison of all methods "
+        "(entries, unique images, mean object classes per entry; pool = the whole list, its mean over "
+        "images with an object class) and, last, the manifest path.")
     t.add_argument("--root", required=True, help="the folder holding VOCdevkit/ (data.root)")
     t.add_argument("--fraction", type=float, default=0.1, help="share of each class's images (default 0.1)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="split seed, >= 0 (data.split_seed; default 0)")
     t.add_argument("--split", default="train", help="ImageSets/Segmentation/<split>.txt (default train)")
+    t.add_argument("--method", choices=SPLIT_METHODS, default="per_class",
+                   help="data.split_method: per_class = seeded ceil(fraction·n_c) per class, union (default); "
+                   "authors = floor per class, an image listed once per class that picked it; "
+                   "min_cover = smallest greedy multicover")
     return p
 
 
-def _print_split(path, manifest: dict) -> None:
+def _print_split(path, manifest: dict, comparison: list[dict]) -> None:
     print(f"{'id':>3}  {'class':<12} {'n':>6} {'selected':>9}")
     for c, row in manifest["per_class"].items():
         print(f"{int(c):>3}  {VOC_CLASSES[int(c)]:<12} {row['n']:>6} {row['selected']:>9}")
-    print(f"total: {len(manifest['ids'])} images (fraction {manifest['fraction']}, seed {manifest['seed']}, "
-          f"sha256 {manifest['sha256'][:12]})")
-    print(path)
+    print(f"total: {len(manifest['ids'])} images ({manifest['n_unique']} unique; method {manifest['method']}, "
+          f"fraction {manifest['fraction']}, seed {manifest['seed']}, sha256 {manifest['sha256'][:12]})")
+    print()
+    print(f"{'method':<10} {'images':>7} {'unique':>7} {'classes/img':>12}")
+    for row in comparison:
+        print(f"{row['method']:<10} {row['images']:>7} {row['unique']:>7} {row['mean_classes']:>12.3f}")
+    print(path)  # last line: scripts read the manifest path from here
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,8 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"generated dataset ready; use data.root={root}", file=sys.stderr)
             print(root)
         else:
-            path, manifest = make_split(args.root, fraction=args.fraction, seed=args.seed, split=args.split)
-            _print_split(path, manifest)
+            path, manifest = make_split(args.root, fraction=args.fraction, seed=args.seed, split=args.split,
+                                        method=args.method)
+            # The presence index is cached next to the manifest, so the comparison reads no masks again.
+            presence = class_presence(args.root, args.split)
+            _print_split(path, manifest, compare_methods(presence, args.fraction, args.seed))
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,19 @@
-"""The paper's split: keep ceil(fraction·n_c) of the train images of every class, as few images as possible."""
+"""The paper's split of the train list: keep a fraction (10%) of the images of every object class.
+
+Three ways to do it (`data.split_method`), all seeded and read from the masks' class presence:
+
+* `per_class` (default): for each class c with n_c images, a seeded uniform sample of ceil(fraction·n_c) of
+  them; the split is the union (each image once). Images holding several classes are more likely to be
+  drawn, so the split's mean classes per image is a bit above the pool's.
+* `authors`: the authors' code: floor(fraction·n_c) per class from the same draw, and an image chosen for
+  k classes is listed k times (seen k times per epoch). Classes with n_c < 1/fraction get no image. Their
+  code also took class membership from the detection lists (ImageSets/Main) and left the order of the
+  picks to Python's set iteration (unseeded); neither is reproduced here (masks, seeded draw).
+* `min_cover`: the smallest set found by a seeded greedy multicover that still holds ceil(fraction·n_c)
+  images of every class; it prefers images with many classes, so it is smaller and less typical.
+
+`fraction == 1.0` keeps the whole train list (background-only images included) for every method.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +30,7 @@ from deeplab_dropout.data.voc import NUM_CLASSES, DatasetError, read_mask, read_
 from deeplab_dropout.results import write_json
 
 OBJECT_CLASSES = range(1, NUM_CLASSES)
+SPLIT_METHODS = ("per_class", "authors", "min_cover")
 
 
 def ids_sha256(ids: list[str]) -> str:
@@ -48,11 +64,41 @@ def class_presence(root: str | os.PathLike, split: str = "train",
     return presence
 
 
+def quota(fraction: float, n: int, rounding: str = "ceil") -> int:
+    """ceil or floor of fraction·n in exact arithmetic (0.1·30 is 3.0000000000000004 in floats)."""
+    exact = Fraction(str(fraction)) * n
+    if rounding == "ceil":
+        return math.ceil(exact)
+    if rounding == "floor":
+        return math.floor(exact)
+    raise ValueError(f"rounding must be 'ceil' or 'floor', got {rounding!r}")
+
+
 def required(fraction: float, n: int) -> int:
-    """ceil(fraction·n) without float surprises (0.1·30 is 3.0000000000000004 in floats)."""
-    return math.ceil(Fraction(str(fraction)) * n)
+    """ceil(fraction·n) without float surprises: the per-class quota of `per_class` and `min_cover`."""
+    return quota(fraction, n, "ceil")
 
 
+def images_by_class(presence: dict[str, list[int]]) -> dict[int, list[str]]:
+    """Sorted ids of the images holding each object class 1..20."""
+    by_class: dict[int, list[str]] = {c: [] for c in OBJECT_CLASSES}
+    for i in sorted(presence):
+        for c in presence[i]:
+            by_class[c].append(i)
+    return by_class
+
+
+def class_picks(presence: dict[str, list[int]], fraction: float, seed: int,
+                rounding: str = "ceil") -> dict[int, list[str]]:
+    """Per class c, m_c = ceil/floor(fraction·n_c) images drawn by default_rng([seed, c]).permutation over
+    the sorted images of c; one independent stream per class so a class's draw ignores the others."""
+    if int(seed) < 0:
+        raise DatasetError(f"split seed must be >= 0 for per_class/authors, got {seed}")
+    picks: dict[int, list[str]] = {}
+    for c, imgs in images_by_class(presence).items():
+        order = np.random.default_rng([int(seed), c]).permutation(len(imgs))
+        picks[c] = [imgs[k] for k in order[:quota(fraction, len(imgs), rounding)]]
+    return picks
 def _greedy(presence: dict[str, list[int]], by_class: dict[int, list[str]], quota: dict[int, int],
             rng: random.Random, rarest_first: bool) -> list[str]:
     """One greedy multicover pass with seeded tie-breaks, then redundant picks dropped."""
@@ -99,22 +145,70 @@ def select_images(presence: dict[str, list[int]], fraction: float, seed: int, tr
     return best if best is not None else []
 
 
+def _check_method(method: str) -> None:
+    if method not in SPLIT_METHODS:
+        raise DatasetError(f"unknown split method {method!r}: expected one of {', '.join(SPLIT_METHODS)}")
+
+
+def select_split(presence: dict[str, list[int]], fraction: float, seed: int,
+                 method: str = "per_class") -> list[str]:
+    """The sorted training list of `method` (see the module docstring); `authors` lists an image once per
+    class that picked it. The authors' class lists (ImageSets/Main) and set-iteration order aren't reproduced."""
+    _check_method(method)
+    if float(fraction) == 1.0:
+        return sorted(presence)  # the whole list, background-only images included
+    if method == "min_cover":
+        return select_images(presence, fraction, seed)
+    if method == "per_class":
+        return sorted({i for imgs in class_picks(presence, fraction, seed, "ceil").values() for i in imgs})
+    # authors: one entry per (class, pick); sorting keeps the repeats adjacent.
+    return sorted(i for imgs in class_picks(presence, fraction, seed, "floor").values() for i in imgs)
+
+
+def mean_classes(presence: dict[str, list[int]], ids: list[str] | None = None) -> float:
+    """Mean object classes per entry of `ids` (repeats count); without ids, over the pool images that
+    hold at least one object class. 0.0 when there is nothing to average."""
+    if ids is None:
+        counts = [len(v) for v in presence.values() if v]
+    else:
+        counts = [len(presence[i]) for i in ids]
+    return sum(counts) / len(counts) if counts else 0.0
+
+
+def compare_methods(presence: dict[str, list[int]], fraction: float, seed: int) -> list[dict]:
+    """One row per method plus `pool`: entries, unique images, mean classes per entry (nothing written)."""
+    rows = []
+    for method in SPLIT_METHODS:
+        ids = select_split(presence, fraction, seed, method)
+        rows.append({"method": method, "images": len(ids), "unique": len(set(ids)),
+                     "mean_classes": mean_classes(presence, ids)})
+    rows.append({"method": "pool", "images": len(presence), "unique": len(presence),
+                 "mean_classes": mean_classes(presence)})
+    return rows
+
+
 def manifest_path(root: str | os.PathLike, fraction: float, seed: int, split: str = "train",
-                  cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the manifest of (split, fraction, seed) lives."""
-    return _cache_dir(root, cache_dir) / f"{split}_frac{fraction:g}_seed{seed}.json"
+                  cache_dir: str | os.PathLike | None = None, method: str = "per_class") -> Path:
+    """Where the manifest of (split, method, fraction, seed) lives."""
+    return _cache_dir(root, cache_dir) / f"{split}_{method}_frac{fraction:g}_seed{seed}.json"
 
 
-def _load_manifest(path: Path, root: str | os.PathLike, fraction: float, seed: int, split: str) -> dict:
+def _load_manifest(path: Path, root: str | os.PathLike, fraction: float, seed: int, split: str,
+                   method: str) -> dict:
     try:
         manifest = json.loads(path.read_text())
         ids = manifest["ids"]
         ok = (manifest["sha256"] == ids_sha256(ids) and float(manifest["fraction"]) == float(fraction)
-              and int(manifest["seed"]) == int(seed) and manifest.get("split", split) == split)
+              and int(manifest["seed"]) == int(seed) and manifest.get("split", split) == split
+              and int(manifest["n_unique"]) == len(set(ids)) and "mean_classes" in manifest)
+        made_by = manifest["method"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"unreadable split manifest: {path} ({e}); delete it to recompute") from None
     if not ok:
         raise DatasetError(f"split manifest does not match its fields or sha256: {path}; delete it to recompute")
+    if made_by != method:
+        raise DatasetError(f"split manifest {path} was made by method {made_by!r}, not {method!r}; "
+                           "delete it to recompute")
     # Cheap (no masks): the manifest must still describe this dataset's split list.
     listed = set(read_split_ids(root, split))
     stale = [i for i in ids if i not in listed]
@@ -125,24 +219,24 @@ def _load_manifest(path: Path, root: str | os.PathLike, fraction: float, seed: i
 
 
 def make_split(root: str | os.PathLike, fraction: float = 0.1, seed: int = 0, split: str = "train",
-               cache_dir: str | os.PathLike | None = None) -> tuple[Path, dict]:
-    """Compute (or reuse) the per-class split of `split`; return (manifest path, manifest dict)."""
+               cache_dir: str | os.PathLike | None = None, method: str = "per_class") -> tuple[Path, dict]:
+    """Compute (or reuse) the `method` split of `split`; return (manifest path, manifest dict)."""
+    _check_method(method)
     if not 0.0 < float(fraction) <= 1.0:
         raise DatasetError(f"data.fraction must be in (0, 1], got {fraction}")
-    path = manifest_path(root, fraction, seed, split, cache_dir)
+    path = manifest_path(root, fraction, seed, split, cache_dir, method)
     if path.is_file():
-        return path, _load_manifest(path, root, fraction, seed, split)
+        return path, _load_manifest(path, root, fraction, seed, split, method)
     presence = class_presence(root, split, cache_dir)
-    if float(fraction) == 1.0:
-        ids = sorted(presence)  # the whole list, background-only images included
-    else:
-        ids = select_images(presence, fraction, seed)
+    ids = select_split(presence, fraction, seed, method)
+    if not ids:  # e.g. `authors` on a small list: floor(fraction·n_c) is 0 for every class
+        raise DatasetError(f"the {method} split of {split}.txt at fraction {fraction} is empty "
+                           "(no class has enough images); raise data.fraction or use another data.split_method")
     chosen = set(ids)
-    per_class = {}
-    for c in OBJECT_CLASSES:
-        with_c = [i for i, cls in presence.items() if c in cls]
-        per_class[str(c)] = {"n": len(with_c), "selected": sum(1 for i in with_c if i in chosen)}
-    manifest = {"ids": ids, "fraction": fraction, "seed": seed, "split": split,
-                "per_class": per_class, "sha256": ids_sha256(ids)}
+    per_class = {str(c): {"n": len(imgs), "selected": sum(1 for i in imgs if i in chosen)}
+                 for c, imgs in images_by_class(presence).items()}
+    manifest = {"ids": ids, "fraction": fraction, "seed": seed, "split": split, "method": method,
+                "n_unique": len(chosen), "mean_classes": mean_classes(presence, ids),
+                "pool_mean_classes": mean_classes(presence), "per_class": per_class, "sha256": ids_sha256(ids)}
     write_json(path, manifest)
     return path, manifest

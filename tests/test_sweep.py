@@ -1,0 +1,45 @@
+"""The study sweeper: Hydra's cartesian product, minus jobs that would repeat an earlier job's run."""
+from __future__ import annotations
+
+import itertools
+
+from conftest import compose_cfg
+from omegaconf import OmegaConf
+
+from deeplab_dropout.report import TABLE2_ORDER
+from deeplab_dropout.sweep import drop_repeats, run_identity
+from deeplab_dropout.train import cell_name
+
+CELLS = [c for c in TABLE2_ORDER if c != "pretrained-base"]
+
+
+def identities(jobs: list[list[str]]) -> list[str]:
+    out = []
+    for overrides in jobs:
+        cfg = compose_cfg(overrides)
+        out.append(run_identity(OmegaConf.to_container(cfg, resolve=True), cell_name(cfg)))
+    return out
+
+
+def test_paper_matrix_trains_none_once():
+    jobs = [[f"cell={c}", f"schedule={s}"] for c, s in itertools.product(CELLS, ("constant", "linear"))]
+    kept = drop_repeats(jobs, identities(jobs), {})
+    assert len(jobs) == 32 and len(kept) == 31
+    assert [j for j in jobs if j not in kept] == [["cell=none", "schedule=linear"]]
+
+
+def test_distinct_runs_are_all_kept():
+    # Seeds, p and the ramp length all change what a regularised run computes.
+    jobs = [["cell=spp-uout", f"dropout.p={p}", f"seed={s}", f"schedule.ramp_epochs={r}", "schedule=linear"]
+            for p, s, r in itertools.product((0.1, 0.2), (0, 1), (10, 30))]
+    assert drop_repeats(jobs, identities(jobs), {}) == jobs
+
+
+def test_unregularised_runs_repeat_whatever_their_schedule_or_p():
+    jobs = [["cell=none", "seed=1"], ["cell=none", "seed=1", "schedule=linear", "dropout.p=0.5"],
+            ["cell=none", "seed=2"], ["dropout=channel", "placement=none", "seed=1"]]
+    seen: dict[str, str] = {}
+    assert drop_repeats(jobs, identities(jobs), seen) == [jobs[0], jobs[2]]
+    # Later batches of the same sweep are checked against the earlier ones.
+    assert drop_repeats([["cell=none", "seed=2", "schedule=linear"]],
+                        identities([["cell=none", "seed=2", "schedule=linear"]]), seen) == []
