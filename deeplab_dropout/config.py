@@ -128,3 +128,9 @@ def validate(cfg: DictConfig) -> None:
         if t[key] is not None:
             _number(f"trainer.{key}", t[key], 1, integer=True)
     _number("seed", cfg.seed, 0, integer=True)
+
+
+def one_line(e: BaseException) -> str:
+    """The last line of an exception's message (DataLoader workers prepend their traceback to it)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if len(lines) > 1 else lines[-1]

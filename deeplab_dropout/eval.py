@@ -15,18 +15,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from deeplab_dropout.config import ConfigError, validate
+from deeplab_dropout.config import ConfigError, one_line, validate
 from deeplab_dropout.data import get_val_dataset
-from deeplab_dropout.model import build_model
+from deeplab_dropout.model import build_model, cell_name
 from deeplab_dropout.results import RunResults, load_checkpoint
 from deeplab_dropout.train import (
     CONF_DIR,
     InputError,
-    cell_name,
     evaluate,
     exit_on_input_error,
     make_val_loader,
-    one_line,
     resolve_device,
 )
 

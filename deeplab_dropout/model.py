@@ -21,7 +21,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from deeplab_dropout.regularizers import Regularizer, make_regularizer
 
 __all__ = ["DeepLabV3Plus", "TorchvisionDeepLabV3", "SegmentationModel", "ResNetBackbone", "ImagePooling",
-           "build_model", "regularizer_sites", "describe_sites", "make_regularizer", "load_backbone_weights",
+           "build_model", "regularizer_sites", "describe_sites", "cell_name", "placement_name", "make_regularizer", "load_backbone_weights",
            "BACKBONES"]
 
 # Blocks per layer of each torchvision ResNet (and whether it uses Bottleneck blocks).
@@ -330,6 +330,28 @@ def regularizer_sites(cfg) -> list[str]:
     if pl.decoder:
         sites += ["decoder.drop1", "decoder.drop2"]
     return sites
+
+
+DROPOUT_SHORT = {"channel": "chandrop", "dropblock": "dropblock", "uout": "uout"}
+PLACEMENT_NAMES = {(True, False, False): "resnet", (False, True, False): "spp", (False, False, True): "decoder",
+                   (False, True, True): "upper", (True, True, True): "all"}
+
+
+def placement_name(cfg) -> str:
+    """Where the config regularises, in Table 2 words (``upper`` = spp + decoder), ``none`` if nowhere."""
+    sites = (bool(cfg.placement.resnet), bool(cfg.placement.spp), bool(cfg.placement.decoder))
+    if cfg.dropout.name == "none" or not any(sites):
+        return "none"
+    return PLACEMENT_NAMES.get(sites) or "+".join(n for n, on in zip(("resnet", "spp", "decoder"), sites, strict=True) if on)
+
+
+def cell_name(cfg) -> str:
+    """The Table 2 name of what the config regularises (e.g. ``upper-dropblock``), from the values used;
+    torchvision's COCO-trained DeepLabv3 is the paper's ``pretrained-base`` row."""
+    if cfg.model.get("arch") == "torchvision_deeplabv3":
+        return "pretrained-base"
+    where = placement_name(cfg)
+    return "none" if where == "none" else f"{where}-{DROPOUT_SHORT[cfg.dropout.name]}"
 
 
 def place_regularizers(model: nn.Module, sites: list[str], factory: Callable[[], nn.Module]) -> None:

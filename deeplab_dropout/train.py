@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -21,41 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from deeplab_dropout.config import ConfigError, validate
+from deeplab_dropout.config import ConfigError, one_line, validate
 from deeplab_dropout.data import get_datasets
 from deeplab_dropout.data.split import class_presence
 from deeplab_dropout.data.transforms import denormalize
 from deeplab_dropout.loss import pixel_loss_sum, reduce_loss
 from deeplab_dropout.metrics import SegmentationMetrics
-from deeplab_dropout.model import build_model, describe_sites
+from deeplab_dropout.model import build_model, cell_name, describe_sites, placement_name
 from deeplab_dropout.results import RESUME_FREE_KEYS, RunResults, load_checkpoint, save_checkpoint
 from deeplab_dropout.schedules import poly_lr, scheduled_drop_p
 from deeplab_dropout.tb import HPARAM_METRICS, TBLogger, strip
 
 log = logging.getLogger("deeplab_dropout")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-DROPOUT_SHORT = {"channel": "chandrop", "dropblock": "dropblock", "uout": "uout"}
-PLACEMENT_NAMES = {(True, False, False): "resnet", (False, True, False): "spp", (False, False, True): "decoder",
-                   (False, True, True): "upper", (True, True, True): "all"}
-
-
-def placement_name(cfg: DictConfig) -> str:
-    """Where the config regularises, in Table 2 words (``upper`` = spp + decoder), ``none`` if nowhere."""
-    sites = (bool(cfg.placement.resnet), bool(cfg.placement.spp), bool(cfg.placement.decoder))
-    if cfg.dropout.name == "none" or not any(sites):
-        return "none"
-    return PLACEMENT_NAMES.get(sites) or "+".join(n for n, on in zip(("resnet", "spp", "decoder"), sites, strict=True) if on)
-
-
-def cell_name(cfg: DictConfig) -> str:
-    """The Table 2 name of what the config regularises (e.g. ``upper-dropblock``), from the values used;
-    torchvision's COCO-trained DeepLabv3 is the paper's ``pretrained-base`` row."""
-    if cfg.model.get("arch") == "torchvision_deeplabv3":
-        return "pretrained-base"
-    where = placement_name(cfg)
-    return "none" if where == "none" else f"{where}-{DROPOUT_SHORT[cfg.dropout.name]}"
-
-
 class InputError(Exception):
     """Something wrong with the config, data, weights or run dir, found during set-up (one-line message)."""
 
@@ -391,12 +368,6 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
-
-
-def one_line(e: BaseException) -> str:
-    """The last line of an exception's message (DataLoader workers prepend their traceback to it)."""
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
-    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if len(lines) > 1 else lines[-1]
 
 
 def exit_on_input_error(job, cfg: DictConfig):

@@ -6,9 +6,9 @@ import itertools
 from conftest import compose_cfg
 from omegaconf import OmegaConf
 
+from deeplab_dropout.model import cell_name
 from deeplab_dropout.report import TABLE2_ORDER
 from deeplab_dropout.sweep import drop_repeats, run_identity
-from deeplab_dropout.train import cell_name
 
 CELLS = [c for c in TABLE2_ORDER if c != "pretrained-base"]
 

@@ -18,7 +18,7 @@ class StudySweeper(BasicSweeper):
         self._seen: dict[str, str] = {}
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
-        from deeplab_dropout.train import cell_name  # torch: only once a sweep runs, not at plugin scan
+        from deeplab_dropout.model import cell_name  # torch: only once a sweep runs, not at plugin scan
 
         batch = super().get_job_batch()
         identities = []
