@@ -1,7 +1,8 @@
 """Start-up validation of the composed config: every bad value fails before any work, in one line.
 
 Hydra already rejects unknown keys (struct mode) and unknown group options (listing the available ones);
-this checks the values inside the groups.
+this checks the values inside the groups, once: the code that uses them trusts them. The allowed values
+live here, so this module imports no other part of the package (and no torch).
 """
 from __future__ import annotations
 
@@ -11,30 +12,44 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from deeplab_dropout.model import ARCHS, BACKBONES, regularizer_sites
-from deeplab_dropout.schedules import GRANULARITIES, SCHEDULE_NAMES
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Blocks per layer of each torchvision ResNet (and whether it uses Bottleneck blocks).
+BACKBONES: dict[str, tuple[list[int], bool]] = {
+    "resnet18": ([2, 2, 2, 2], False),
+    "resnet34": ([3, 4, 6, 3], False),
+    "resnet50": ([3, 4, 6, 3], True),
+    "resnet101": ([3, 4, 23, 3], True),
+    "resnet152": ([3, 8, 36, 3], True),
+}
+ARCHS = ("deeplabv3plus", "torchvision_deeplabv3")
+OUTPUT_STRIDES = (8, 16)
+POOL_NORMS = ("bn", "none")
+DROPOUT_NAMES = ("none", "channel", "dropblock", "uout")
+RESNET_SITES = ("blocks", "stages", "first_block")
+SPP_SITES = ("output", "branches")
+RESNET_STAGES = (1, 2, 3, 4)
+SCHEDULE_NAMES = ("constant", "linear")
+GRANULARITIES = ("iteration", "epoch")
+SPLIT_METHODS = ("per_class", "authors", "min_cover")
 VAL_CROPS = ("center", "full")
+LOSSES = ("ce",)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = ("miou", "pixel_acc", "per_image_miou_mean")
 RESUME = ("auto", "never")
-SPLIT_METHODS = ("per_class", "authors", "min_cover")
-LOSSES = ("ce",)
-POOL_NORMS = ("bn", "none")
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and what is allowed."""
 
 
-def _check(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+def invalid(key: str, value, expected: str) -> ConfigError:
+    """The one-line error for ``key=value``, e.g. ``dropout.p=1.0 is invalid: expected a number in [0, 1)``."""
+    return ConfigError(f"{key}={value!r} is invalid: expected {expected}")
 
 
 def _one_of(key: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
-    _check(value in allowed, key, value, "one of " + ", ".join(map(str, allowed)))
+    if value not in allowed:
+        raise invalid(key, value, "one of " + ", ".join(map(str, allowed)))
 
 
 def _number(key: str, value, low: float, high: float | None = None, *, low_open=False, integer=False) -> None:
@@ -43,7 +58,25 @@ def _number(key: str, value, low: float, high: float | None = None, *, low_open=
     ok = ok and not isinstance(value, bool)
     rng = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' if high is None else ']'}"
     ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    _check(ok, key, value, f"{kind} in {rng}")
+    if not ok:
+        raise invalid(key, value, f"{kind} in {rng}")
+
+
+def _placement(cfg: DictConfig) -> None:
+    """Where dropout goes (model.regularizer_sites turns these values into module names)."""
+    pl = cfg.placement
+    _one_of("placement.resnet_sites", pl.resnet_sites, RESNET_SITES)
+    _one_of("placement.spp_sites", pl.spp_sites, SPP_SITES)
+    expected = "a non-empty list of distinct stages from " + ", ".join(map(str, RESNET_STAGES))
+    try:
+        stages = [int(s) for s in pl.resnet_stages]
+    except (TypeError, ValueError):
+        raise invalid("placement.resnet_stages", pl.resnet_stages, expected) from None
+    if not stages or not set(stages) <= set(RESNET_STAGES) or len(set(stages)) != len(stages):
+        raise invalid("placement.resnet_stages", stages, expected)
+    if pl.resnet and pl.resnet_sites == "first_block" and 1 not in stages:
+        raise ConfigError(f"placement.resnet_sites=first_block is inside layer1 but placement.resnet_stages="
+                          f"{stages} excludes stage 1")
 
 
 def _multi_grid(m: DictConfig) -> None:
@@ -52,29 +85,38 @@ def _multi_grid(m: DictConfig) -> None:
     blocks = BACKBONES[m.backbone][0][3]
     ok = isinstance(grid, list) and len(grid) >= blocks and all(
         isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
-    _check(ok, "model.multi_grid", grid, f"a list of at least {blocks} positive integers (one per layer4 "
-           f"block of {m.backbone}), e.g. [1, 2, 4]")
+    if not ok:
+        raise invalid("model.multi_grid", grid, f"a list of at least {blocks} positive integers (one per layer4 "
+                      f"block of {m.backbone}), e.g. [1, 2, 4]")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first invalid value in a composed train/eval config."""
+def _torchvision_deeplabv3(cfg: DictConfig) -> None:
+    """torchvision's DeepLabv3 (the pretrained-base row) is one fixed model without regulariser sites."""
+    m, pl = cfg.model, cfg.placement
+    if m.backbone != "resnet101" or m.output_stride != 8:
+        raise ConfigError(f"model.arch=torchvision_deeplabv3 is torchvision's resnet101 at output stride 8, got "
+                          f"model.backbone={m.backbone}, model.output_stride={m.output_stride}")
+    if cfg.dropout.name != "none" and (pl.resnet or pl.spp or pl.decoder):
+        raise ConfigError("model.arch=torchvision_deeplabv3 has no regulariser sites: use placement=none or "
+                          "dropout=none (cell=none)")
+
+
+def _model(cfg: DictConfig) -> None:
     m = cfg.model
-    try:  # model.backbone, dropout.name and the placement keys, checked where they are used
-        regularizer_sites(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    _one_of("model.output_stride", m.output_stride, (8, 16))
+    _one_of("model.output_stride", m.output_stride, OUTPUT_STRIDES)
     _one_of("model.arch", m.arch, ARCHS)
     named = ("coco_with_voc_labels", "none") if m.arch == "torchvision_deeplabv3" else ("imagenet", "none")
-    pre = m.pretrained
-    if pre not in named and not Path(str(pre)).expanduser().is_file():
-        raise ConfigError(f"model.pretrained={pre!r} is invalid: expected {', '.join(named)} or an existing file")
+    if m.pretrained not in named and not Path(str(m.pretrained)).expanduser().is_file():
+        raise invalid("model.pretrained", m.pretrained, f"{', '.join(named)} or an existing file")
     _number("model.num_classes", m.num_classes, 2, integer=True)
     _one_of("model.pool_norm", m.pool_norm, POOL_NORMS)
     if m.arch == "deeplabv3plus":
         _multi_grid(m)
+    else:
+        _torchvision_deeplabv3(cfg)
 
-    d = cfg.data
+
+def _data(d: DictConfig) -> None:
     _number("data.fraction", d.fraction, 0, 1, low_open=True)
     _number("data.split_seed", d.split_seed, 0, integer=True)
     _number("data.crop_size", d.crop_size, 1, integer=True)
@@ -82,25 +124,35 @@ def validate(cfg: DictConfig) -> None:
     _one_of("data.val_crop", d.val_crop, VAL_CROPS)
     _one_of("data.split_method", d.split_method, SPLIT_METHODS)
     lo, hi = d.scale_range
-    _check(0 < lo <= hi, "data.scale_range", list(d.scale_range), "[min, max] with 0 < min <= max")
+    if not 0 < lo <= hi:
+        raise invalid("data.scale_range", list(d.scale_range), "[min, max] with 0 < min <= max")
     lo, hi = d.blur_radius
-    _check(0 <= lo <= hi, "data.blur_radius", list(d.blur_radius), "[min, max] with 0 <= min <= max")
+    if not 0 <= lo <= hi:
+        raise invalid("data.blur_radius", list(d.blur_radius), "[min, max] with 0 <= min <= max")
     _number("data.flip_p", d.flip_p, 0, 1)
     _number("data.blur_p", d.blur_p, 0, 1)
 
+
+def _dropout_and_schedule(cfg: DictConfig) -> None:
     _number("dropout.p", cfg.dropout.p, 0, 1)
-    _check(cfg.dropout.p < 1, "dropout.p", cfg.dropout.p, "a number in [0, 1)")
+    if cfg.dropout.p >= 1:
+        raise invalid("dropout.p", cfg.dropout.p, "a number in [0, 1)")
     _number("dropout.block_size", cfg.dropout.block_size, 1, integer=True)
+    s = cfg.schedule
+    _one_of("schedule.name", s.name, SCHEDULE_NAMES)
+    _one_of("schedule.granularity", s.granularity, GRANULARITIES)
+    _number("schedule.ramp_epochs", s.ramp_epochs, 0)
+    # The ramp length alone decides the schedule (schedules.drop_p); the name must agree with it.
+    if s.name == "linear":
+        _number("schedule.ramp_epochs", s.ramp_epochs, 0, low_open=True)
+    elif s.ramp_epochs != 0:
+        raise invalid("schedule.ramp_epochs", s.ramp_epochs, "0 with schedule.name=constant (a ramp is "
+                      "schedule=linear)")
 
-    _one_of("schedule.name", cfg.schedule.name, SCHEDULE_NAMES)
-    _one_of("schedule.granularity", cfg.schedule.granularity, GRANULARITIES)
-    _number("schedule.ramp_epochs", cfg.schedule.ramp_epochs, 0)
-    if cfg.schedule.name == "linear":
-        _number("schedule.ramp_epochs", cfg.schedule.ramp_epochs, 0, low_open=True)
 
+def _optim_and_loss(cfg: DictConfig) -> None:
     _one_of("loss.name", cfg.loss.name, LOSSES)
     _one_of("loss.batch_average", cfg.loss.batch_average, (True, False))
-
     o = cfg.optim
     _number("optim.lr", o.lr, 0, low_open=True)
     _number("optim.head_lr_mult", o.head_lr_mult, 0, low_open=True)
@@ -108,17 +160,19 @@ def validate(cfg: DictConfig) -> None:
     _number("optim.weight_decay", o.weight_decay, 0)
     _number("optim.poly_power", o.poly_power, 0)
 
+
+def _trainer(cfg: DictConfig) -> None:
     t = cfg.trainer
     _number("trainer.epochs", t.epochs, 1, integer=True)
     _number("trainer.batch_size", t.batch_size, 1, integer=True)
-    if t.batch_size == 1 and m.pool_norm == "bn":
+    if t.batch_size == 1 and cfg.model.pool_norm == "bn":
         raise ConfigError("trainer.batch_size=1 is invalid with model.pool_norm=bn: the image-pooling BatchNorm "
                           "sees one value per channel in training; use a batch of 2 or more, or model.pool_norm=none")
     _number("trainer.val_batch_size", t.val_batch_size, 1, integer=True)
     _number("trainer.num_workers", t.num_workers, 0, integer=True)
     _number("trainer.eval_every", t.eval_every, 1, integer=True)
-    _check(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(t.device))), "trainer.device", t.device,
-           "auto, cpu, cuda or cuda:N")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(t.device)):
+        raise invalid("trainer.device", t.device, "auto, cpu, cuda or cuda:N")
     _one_of("trainer.precision", t.precision, PRECISIONS)
     _one_of("trainer.channels_last", t.channels_last, ("auto", True, False))
     _one_of("trainer.monitor", t.monitor, MONITORS)
@@ -127,6 +181,18 @@ def validate(cfg: DictConfig) -> None:
     for key in ("max_train_steps", "max_val_images"):
         if t[key] is not None:
             _number(f"trainer.{key}", t[key], 1, integer=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid value in a composed train/eval config."""
+    _one_of("model.backbone", cfg.model.backbone, BACKBONES)
+    _one_of("dropout.name", cfg.dropout.name, DROPOUT_NAMES)
+    _placement(cfg)
+    _model(cfg)
+    _data(cfg.data)
+    _dropout_and_schedule(cfg)
+    _optim_and_loss(cfg)
+    _trainer(cfg)
     _number("seed", cfg.seed, 0, integer=True)
 
 

@@ -1,14 +1,16 @@
 """DeepLabv3+ on a torchvision ResNet, with the study's regulariser sites placed from the config.
 
-Regulariser slots are registered as empty (``None``) child modules where the forward pass consults them, so
-placing a regulariser changes no parameter path: backbone keys stay torchvision's (ImageNet weights load
-as is) and checkpoints of any cell load into a model of any other cell.
+Regulariser slots are ``nn.Identity()`` child modules that the forward pass always calls; placing a regulariser
+replaces one and changes no parameter path: backbone keys stay torchvision's (ImageNet weights load as is)
+and checkpoints of any cell load into a model of any other cell.
 
 Where the paper is silent this follows the authors' code: layer4 Multi-Grid (``model.multi_grid``) and BN in
-the ASPP image pooling (``model.pool_norm``). config.validate checks these values; this module trusts them.
+the ASPP image pooling (``model.pool_norm``). config.validate checks every value (build_model calls it
+first); this module trusts them.
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,31 +20,17 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from deeplab_dropout.config import BACKBONES, ConfigError, one_line, validate
 from deeplab_dropout.regularizers import Regularizer, make_regularizer
 
 __all__ = ["DeepLabV3Plus", "TorchvisionDeepLabV3", "SegmentationModel", "ResNetBackbone", "ImagePooling",
-           "build_model", "regularizer_sites", "describe_sites", "cell_name", "placement_name", "make_regularizer", "load_backbone_weights",
-           "BACKBONES"]
+           "build_model", "regularizer_sites", "describe_sites", "cell_name", "placement_name", "make_regularizer",
+           "load_backbone_weights", "BACKBONES"]
 
-# Blocks per layer of each torchvision ResNet (and whether it uses Bottleneck blocks).
-BACKBONES: dict[str, tuple[list[int], bool]] = {
-    "resnet18": ([2, 2, 2, 2], False),
-    "resnet34": ([3, 4, 6, 3], False),
-    "resnet50": ([3, 4, 6, 3], True),
-    "resnet101": ([3, 4, 23, 3], True),
-    "resnet152": ([3, 8, 36, 3], True),
-}
 # Dilation rate of layer2..layer4 per output stride (a stage with rate > 1 drops its stride; layer4's blocks
 # further multiply it by the Multi-Grid), and the ASPP rates that keep the same field of view.
 STAGE_RATES = {16: (1, 1, 2), 8: (1, 2, 4)}
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
-ARCHS = ("deeplabv3plus", "torchvision_deeplabv3")
-RESNET_SITES = ("blocks", "stages", "first_block")
-SPP_SITES = ("output", "branches")
-
-
-def _invalid(key: str, value, allowed) -> ValueError:
-    return ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(map(str, allowed))}")
 
 
 # --- backbone ---------------------------------------------------------------------------------------------
@@ -60,16 +48,13 @@ class _SiteBasicBlock(BasicBlock):
         # torchvision refuses dilation for BasicBlock; dilate both 3x3 convs as Bottleneck does its 3x3.
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, 1, norm_layer)
         _set_dilation(self, dilation)
-        self.register_module("branch_drop", None)
-        self.register_module("drop", None)
+        self.branch_drop = nn.Identity()
+        self.drop = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        if self.branch_drop is not None:
-            out = self.branch_drop(out)
-        out = self.relu(out + identity)
-        return out if self.drop is None else self.drop(out)
+        out = self.branch_drop(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        return self.drop(self.relu(out + identity))
 
 
 class _SiteBottleneck(Bottleneck):
@@ -78,17 +63,14 @@ class _SiteBottleneck(Bottleneck):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.register_module("branch_drop", None)
-        self.register_module("drop", None)
+        self.branch_drop = nn.Identity()
+        self.drop = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        if self.branch_drop is not None:
-            out = self.branch_drop(out)
-        out = self.relu(self.bn3(self.conv3(out)) + identity)
-        return out if self.drop is None else self.drop(out)
+        out = self.branch_drop(self.relu(self.bn2(self.conv2(out))))
+        return self.drop(self.relu(self.bn3(self.conv3(out)) + identity))
 
 
 def _set_dilation(block: nn.Module, rate: int) -> None:
@@ -108,10 +90,6 @@ class ResNetBackbone(nn.Module):
     def __init__(self, name: str = "resnet101", output_stride: int = 16,
                  multi_grid: tuple[int, ...] = (1, 2, 4)) -> None:
         super().__init__()
-        if name not in BACKBONES:
-            raise _invalid("model.backbone", name, BACKBONES)
-        if output_stride not in STAGE_RATES:
-            raise _invalid("model.output_stride", output_stride, sorted(STAGE_RATES))
         layers, bottleneck = BACKBONES[name]
         block = _SiteBottleneck if bottleneck else _SiteBasicBlock
         rates = STAGE_RATES[output_stride]
@@ -126,20 +104,15 @@ class ResNetBackbone(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         for i in range(1, 5):
             self.add_module(f"layer{i}", getattr(net, f"layer{i}"))
-            self.register_module(f"layer{i}_drop", None)  # the `stages` site
+            self.add_module(f"layer{i}_drop", nn.Identity())  # the `stages` site
         self.low_channels = 64 * block.expansion
         self.high_channels = 512 * block.expansion
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        low = None
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-            drop = getattr(self, f"layer{i}_drop")
-            if drop is not None:
-                x = drop(x)
-            if i == 1:
-                low = x
+        low = x = self.layer1_drop(self.layer1(x))
+        for i in range(2, 5):
+            x = getattr(self, f"layer{i}_drop")(getattr(self, f"layer{i}")(x))
         return low, x
 
 
@@ -154,11 +127,10 @@ class ConvBNReLU(nn.Module):
                               bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.register_module("drop", None)
+        self.drop = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn(self.conv(x)))
-        return x if self.drop is None else self.drop(x)
+        return self.drop(self.relu(self.bn(self.conv(x))))
 
 
 class ImagePooling(nn.Module):
@@ -175,15 +147,13 @@ class ImagePooling(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         # Same child names as ConvBNReLU (conv, bn), but that one's drop would act before the upsampling.
         self.conv = nn.Conv2d(cin, cout, 1, bias=pool_norm != "bn")
-        self.register_module("bn", nn.BatchNorm2d(cout) if pool_norm == "bn" else None)
+        self.bn = nn.BatchNorm2d(cout) if pool_norm == "bn" else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
-        self.register_module("drop", None)
+        self.drop = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.conv(self.pool(x))
-        y = self.relu(y if self.bn is None else self.bn(y))
-        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return y if self.drop is None else self.drop(y)
+        y = self.relu(self.bn(self.conv(self.pool(x))))
+        return self.drop(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False))
 
 
 class ASPP(nn.Module):
@@ -198,11 +168,10 @@ class ASPP(nn.Module):
             + [ImagePooling(cin, channels, pool_norm)]
         )
         self.project = ConvBNReLU(len(self.branches) * channels, channels, 1)
-        self.register_module("drop", None)  # the `spp output` site (no built-in dropout, unlike the peers)
+        self.drop = nn.Identity()  # the `spp output` site (no built-in dropout, unlike the peers)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.project(torch.cat([b(x) for b in self.branches], dim=1))
-        return x if self.drop is None else self.drop(x)
+        return self.drop(self.project(torch.cat([b(x) for b in self.branches], dim=1)))
 
 
 class Decoder(nn.Module):
@@ -212,20 +181,16 @@ class Decoder(nn.Module):
         super().__init__()
         self.low_proj = ConvBNReLU(low_in, low_channels, 1)
         self.conv1 = ConvBNReLU(low_channels + aspp_channels, aspp_channels, 3)
-        self.register_module("drop1", None)
+        self.drop1 = nn.Identity()
         self.conv2 = ConvBNReLU(aspp_channels, aspp_channels, 3)
-        self.register_module("drop2", None)
+        self.drop2 = nn.Identity()
         self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
 
     def forward(self, low: Tensor, aspp: Tensor, size: tuple[int, int]) -> Tensor:
         low = self.low_proj(low)
         aspp = F.interpolate(aspp, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        x = self.conv1(torch.cat([aspp, low], dim=1))
-        if self.drop1 is not None:
-            x = self.drop1(x)
-        x = self.conv2(x)
-        if self.drop2 is not None:
-            x = self.drop2(x)
+        x = self.drop1(self.conv1(torch.cat([aspp, low], dim=1)))
+        x = self.drop2(self.conv2(x))
         return F.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
 
 
@@ -297,32 +262,17 @@ def regularizer_sites(cfg) -> list[str]:
 
     The one answer to "where does this config put dropout"; build_model places exactly these, in this order.
     """
-    backbone = cfg.model.backbone
-    if backbone not in BACKBONES:
-        raise _invalid("model.backbone", backbone, BACKBONES)
-    pl, dropout = cfg.placement, cfg.dropout.name
-    if dropout not in ("none", "channel", "dropblock", "uout"):
-        raise _invalid("dropout.name", dropout, ("none", "channel", "dropblock", "uout"))
-    if pl.resnet_sites not in RESNET_SITES:
-        raise _invalid("placement.resnet_sites", pl.resnet_sites, RESNET_SITES)
-    if pl.spp_sites not in SPP_SITES:
-        raise _invalid("placement.spp_sites", pl.spp_sites, SPP_SITES)
-    stages = [int(s) for s in pl.resnet_stages]
-    if not stages or not set(stages) <= {1, 2, 3, 4} or len(set(stages)) != len(stages):
-        raise ValueError(f"placement.resnet_stages={stages} is invalid: expected a non-empty list of distinct "
-                         "stages from 1, 2, 3, 4")
-    if pl.resnet and pl.resnet_sites == "first_block" and 1 not in stages:
-        raise ValueError(f"placement.resnet_sites=first_block is inside layer1 but placement.resnet_stages="
-                         f"{stages} excludes stage 1")
-    if dropout == "none":
+    pl = cfg.placement
+    if cfg.dropout.name == "none":
         return []
+    stages = sorted(int(s) for s in pl.resnet_stages)
     sites: list[str] = []
     if pl.resnet:
         if pl.resnet_sites == "blocks":
-            blocks = BACKBONES[backbone][0]
-            sites += [f"backbone.layer{s}.{j}.drop" for s in sorted(stages) for j in range(blocks[s - 1])]
+            blocks = BACKBONES[cfg.model.backbone][0]
+            sites += [f"backbone.layer{s}.{j}.drop" for s in stages for j in range(blocks[s - 1])]
         elif pl.resnet_sites == "stages":
-            sites += [f"backbone.layer{s}_drop" for s in sorted(stages)]
+            sites += [f"backbone.layer{s}_drop" for s in stages]
         else:
             sites.append("backbone.layer1.0.branch_drop")
     if pl.spp:
@@ -359,7 +309,7 @@ def place_regularizers(model: nn.Module, sites: list[str], factory: Callable[[],
     for site in sites:
         parent_name, _, leaf = site.rpartition(".")
         parent = model.get_submodule(parent_name)
-        if leaf not in parent._modules or parent._modules[leaf] is not None:
+        if not isinstance(parent._modules.get(leaf), nn.Identity):
             raise ValueError(f"{site} is not an empty regulariser slot of {type(model).__name__}")
         setattr(parent, leaf, factory())
 
@@ -381,68 +331,61 @@ def describe_sites(model: DeepLabV3Plus) -> str:
     return "; ".join(parts)
 
 
-# --- weights ----------------------------------------------------------------------------------------------
+# --- weights: every failure is a ConfigError naming model.pretrained --------------------------------------
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {one_line(err)}"
 
 
-def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
-    # IMAGENET1K_V1: the original torchvision weights, as available to the study (2019).
-    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+def _download(weights, what: str, name: str) -> dict[str, Tensor]:
+    """A state dict from torchvision's weights API (cached under torch.hub's directory)."""
     try:
         return weights.get_state_dict(progress=True)
     except Exception as err:  # no network, proxy, corrupt download: all end the same way for the user
-        raise _weights_failure("imagenet", name, err) from err
+        raise ConfigError(
+            f"model.pretrained={what}: could not get {name} weights ({_reason(err)}); the download cache is "
+            f"{torch.hub.get_dir()}/checkpoints -- offline, copy the file there or use "
+            f"model.pretrained=/path/to/{name}.pth (a torchvision state dict) or model.pretrained=none") from err
 
 
 def _file_state_dict(path: str) -> dict[str, Tensor]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"model.pretrained={path}: no such file (expected a torchvision ResNet state dict, "
-                                "or use imagenet / none)")
+    """A state dict file, also nested under ``state_dict``/``model`` or saved from DataParallel."""
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        obj = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"model.pretrained={path}: not a readable state dict ({_one_line(err)})") from err
+        raise ConfigError(f"model.pretrained={path}: not a readable state dict ({_reason(err)})") from err
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"model.pretrained={path}: expected a state dict of tensors, got {type(obj).__name__}")
+        raise ConfigError(f"model.pretrained={path}: expected a state dict of tensors, got {type(obj).__name__}")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
 
 
+def _load_strict(module: nn.Module, state: dict[str, Tensor], pretrained: str, name: str) -> None:
+    """load_state_dict(strict=True); its error (missing/unexpected keys, size mismatches) in one line."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        details = [" ".join(ln.split()) for ln in str(err).splitlines()[1:] if ln.strip()]
+        shown = "; ".join(textwrap.shorten(d, 300, placeholder=" ...") for d in details[:3])
+        more = f" (+{len(details) - 3} more)" if len(details) > 3 else ""
+        raise ConfigError(f"model.pretrained={pretrained} does not fit torchvision {name}: {shown}{more}") from err
+
+
 def load_backbone_weights(backbone: ResNetBackbone, pretrained: str | None) -> None:
     """Load ``imagenet`` (torchvision weights API), a torchvision-format state dict file, or nothing (none)."""
-    if pretrained is None or str(pretrained).lower() in ("none", ""):
-        return
     pretrained = str(pretrained)
-    state = _imagenet_state_dict(backbone.name) if pretrained == "imagenet" else _file_state_dict(pretrained)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = backbone.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        raise ValueError(f"model.pretrained={pretrained} does not fit torchvision {backbone.name}: "
-                         f"missing keys [{few(missing)}], unexpected keys [{few(unexpected)}]")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"model.pretrained={pretrained} does not fit torchvision {backbone.name}: shape "
-                         f"mismatch in {'; '.join(wrong[:5])}")
-    backbone.load_state_dict(state)
-
-
-def _weights_failure(what: str, name: str, err: BaseException) -> RuntimeError:
-    return RuntimeError(
-        f"model.pretrained={what}: could not get {name} weights ({_one_line(err)}); the download cache is "
-        f"{torch.hub.get_dir()}/checkpoints -- offline, copy the file there or use "
-        f"model.pretrained=/path/to/{name}.pth (a torchvision state dict) or model.pretrained=none")
+    if pretrained.lower() in ("none", ""):
+        return
+    if pretrained == "imagenet":  # IMAGENET1K_V1: the original torchvision weights, as the study had them (2019)
+        weights = torchvision.models.get_model_weights(backbone.name).IMAGENET1K_V1
+        state = _download(weights, "imagenet", backbone.name)
+    else:
+        state = _file_state_dict(pretrained)
+    _load_strict(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")}, pretrained, backbone.name)
 
 
 def build_torchvision_deeplabv3(cfg) -> TorchvisionDeepLabV3:
@@ -450,46 +393,31 @@ def build_torchvision_deeplabv3(cfg) -> TorchvisionDeepLabV3:
     file of that model, or random init (none). It has no regulariser sites."""
     from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights, deeplabv3_resnet101
 
-    m = cfg.model
-    if m.backbone != "resnet101" or int(m.output_stride) != 8:
-        raise ValueError(f"model.arch=torchvision_deeplabv3 is torchvision's resnet101 at output stride 8, got "
-                         f"model.backbone={m.backbone}, model.output_stride={m.output_stride}")
-    if regularizer_sites(cfg):
-        raise ValueError("model.arch=torchvision_deeplabv3 has no regulariser sites: use placement=none or "
-                         "dropout=none (cell=none)")
-    tv = deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=int(m.num_classes), aux_loss=True)
-    pretrained = str(m.pretrained)
+    tv = deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=int(cfg.model.num_classes),
+                             aux_loss=True)
+    pretrained = str(cfg.model.pretrained)
+    if pretrained.lower() in ("none", ""):
+        return TorchvisionDeepLabV3(tv)
     if pretrained == "coco_with_voc_labels":
-        try:
-            state = DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1.get_state_dict(progress=True)
-        except Exception as err:  # no network, proxy, corrupt download
-            raise _weights_failure(pretrained, "deeplabv3_resnet101_coco", err) from err
-    elif pretrained.lower() not in ("none", ""):
-        state = _file_state_dict(pretrained)
+        weights = DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1
+        state = _download(weights, pretrained, "deeplabv3_resnet101_coco")
     else:
-        state = None
-    if state is not None:
-        result = tv.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("aux_classifier.")]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"model.pretrained={pretrained} does not fit torchvision deeplabv3_resnet101: "
-                             f"missing keys {missing[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+        state = _file_state_dict(pretrained)
+    tv.aux_classifier = None  # unused (TorchvisionDeepLabV3 keeps no aux head): its weights may be absent
+    _load_strict(tv, {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}, pretrained,
+                 "deeplabv3_resnet101")
     return TorchvisionDeepLabV3(tv)
 
 
 def build_model(cfg) -> SegmentationModel:
-    """The model of a composed config: cfg.model (architecture, weights), cfg.dropout + cfg.placement."""
+    """The model of a composed config (validated first): cfg.model (architecture, weights), cfg.dropout +
+    cfg.placement."""
+    validate(cfg)
     m = cfg.model
-    arch = m.get("arch", "deeplabv3plus")
-    if arch not in ARCHS:
-        raise _invalid("model.arch", arch, ARCHS)
-    if arch == "torchvision_deeplabv3":
+    if m.arch == "torchvision_deeplabv3":
         return build_torchvision_deeplabv3(cfg)
-    sites = regularizer_sites(cfg)  # validates placement before any weights are fetched
     model = DeepLabV3Plus(m.backbone, int(m.num_classes), int(m.output_stride), int(m.aspp_channels),
                           int(m.low_level_channels), tuple(m.multi_grid), m.pool_norm)
     load_backbone_weights(model.backbone, m.pretrained)
-    if sites:
-        make_regularizer(cfg.dropout)  # validate p / block_size once, with a clear message
-        place_regularizers(model, sites, lambda: make_regularizer(cfg.dropout))
+    place_regularizers(model, regularizer_sites(cfg), lambda: make_regularizer(cfg.dropout))
     return model

@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Regularizer", "ChannelDropout", "DropBlock", "UOut", "make_regularizer", "DROPOUT_NAMES"]
-
-DROPOUT_NAMES = ("none", "channel", "dropblock", "uout")
+__all__ = ["Regularizer", "ChannelDropout", "DropBlock", "UOut", "make_regularizer"]
 
 
 class Regularizer(nn.Module):
@@ -145,10 +143,9 @@ class UOut(Regularizer):
 
 
 def make_regularizer(dropout_cfg) -> Regularizer | None:
-    """One regulariser from the ``dropout`` config group (name, p, block_size, uout_shared); None for 'none'."""
+    """One regulariser from the validated ``dropout`` config group (name, p, block_size, uout_shared); None
+    for 'none'."""
     name = dropout_cfg.name
-    if name not in DROPOUT_NAMES:
-        raise ValueError(f"dropout.name={name!r} is invalid: expected one of {', '.join(DROPOUT_NAMES)}")
     if name == "none":
         return None
     p = float(dropout_cfg.p)

@@ -1,4 +1,5 @@
-"""The one place that writes what a run leaves: results.json and checkpoints, both atomically.
+"""The one place that writes what a run leaves: results.json and checkpoints, both atomically, and that
+decides whether a checkpoint may be resumed.
 
 torch is imported only by the checkpoint functions, so the data tools can write JSON through here cheaply.
 """
@@ -12,9 +13,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from deeplab_dropout.config import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+LAST, BEST = Path("checkpoints/last.pt"), Path("checkpoints/best.pt")  # in the run dir
+
+
+def _run_invariant_keys() -> tuple[str, ...]:
+    # Listed once, in conf/train.yaml, where Hydra leaves them out of sweep directory names.
+    train = yaml.safe_load((CONF_DIR / "train.yaml").read_text())
+    keys = train["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]
+    return tuple(k for k in keys if k != "experiment")  # a preset's name, not a key of the run's config
+
+
 # Config keys that may change when a run is resumed (and that the report ignores when it groups runs into
-# experiments): they don't change what is computed.
-RESUME_FREE_KEYS = ("trainer.resume", "trainer.progress", "trainer.num_workers", "trainer.device", "data.root")
+# experiments, and sweep directory names leave out): they don't change what is computed.
+RESUME_FREE_KEYS = _run_invariant_keys()
 
 
 def atomic_write(path: Path, write) -> None:
@@ -122,7 +138,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint written by ``save_checkpoint`` (tensors and plain containers only)."""
+    """Load a checkpoint written by ``save_checkpoint`` (tensors and plain containers only); a missing file is
+    FileNotFoundError, an unreadable one ConfigError."""
     import torch
 
     path = Path(path)
@@ -131,4 +148,41 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which file, in one line
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def save_checkpoints(run_dir: Path, results: RunResults, training: dict, is_best: bool) -> None:
+    """After an epoch: LAST (``training``'s state dicts, the history and config: all that resuming needs)
+    and, at a new best epoch, BEST (the model's weights, config and that epoch's metrics)."""
+    data = results.data
+    run = {"epoch": results.history[-1]["epoch"], "config": data["config"], "cell": data["cell"],
+           "split": data["split"]}
+    save_checkpoint(run_dir / LAST, {**training, **run, "history": results.history})
+    if is_best:
+        save_checkpoint(run_dir / BEST, {"model": training["model"], **run, "metrics": data["best"]})
+
+
+def check_resumable(saved: dict, config: dict, checkpoint: Path) -> None:
+    """Refuse to continue a checkpoint made with another config (it would not be the same run); only the
+    RESUME_FREE_KEYS may differ. ``saved`` and ``config`` are resolved configs as plain dicts."""
+    old, new = _flatten(saved), _flatten(config)
+    for key in RESUME_FREE_KEYS:
+        old.pop(key, None)
+        new.pop(key, None)
+    absent = object()
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k, absent) != new.get(k, absent))
+    if diff:
+        first, more = diff[0], " and more" if len(diff) > 1 else ""
+        raise ConfigError(f"{checkpoint} was trained with a different config "
+                          f"({first}: {old.get(first)!r} -> {new.get(first)!r}{more}); "
+                          "use another hydra.run.dir (hydra.sweep.dir for -m) or delete that folder")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

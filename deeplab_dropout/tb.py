@@ -1,13 +1,20 @@
-"""TensorBoard logging for a run: scalars, image | truth | prediction strips in the VOC palette, HParams."""
+"""TensorBoard logging for a run: HParams, each epoch's scalars, and image | truth | prediction strips in
+the VOC palette (fixed val images, and the best and worst one at each new best epoch)."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from deeplab_dropout.config import ConfigError
+from deeplab_dropout.data.split import class_presence
 from deeplab_dropout.data.voc import VOC_PALETTE
+from deeplab_dropout.model import cell_name, placement_name
 
 # The metrics the HParams tab compares; each is also written as a scalar under the same tag.
 HPARAM_METRICS = ("hparams/best_miou", "hparams/best_per_image_miou_mean")
@@ -35,6 +42,38 @@ def strip(image: torch.Tensor, target: torch.Tensor, pred: torch.Tensor, min_hei
     return out.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1) if scale > 1 else out
 
 
+def run_hparams(cfg: DictConfig) -> dict:
+    """The run's row in the HParams tab: its cell, the study's axes, seed and backbone."""
+    return {"cell": cell_name(cfg), "dropout": cfg.dropout.name, "placement": placement_name(cfg),
+            "schedule": cfg.schedule.name, "p": float(cfg.dropout.p), "seed": int(cfg.seed),
+            "backbone": cfg.model.backbone}
+
+
+def pick_tb_images(cfg: DictConfig, val_ds) -> list[int]:
+    """Indices of the fixed val images: trainer.tb_images by id, else the first containing each class of
+    trainer.tb_image_classes (the paper's tvmonitor and cow images)."""
+    if cfg.trainer.tb_images is not None:
+        missing = [i for i in cfg.trainer.tb_images if i not in val_ds.ids]
+        if missing:
+            raise ConfigError(f"trainer.tb_images={list(cfg.trainer.tb_images)} is invalid: "
+                              f"{missing} not in the val list")
+        return [val_ds.ids.index(i) for i in cfg.trainer.tb_images]
+    presence = class_presence(cfg.data.root, cfg.data.val_split)
+    picked = []
+    for cls in cfg.trainer.tb_image_classes:
+        first = next((i for i, id_ in enumerate(val_ds.ids) if cls in presence.get(id_, ())), None)
+        if first is not None and first not in picked:
+            picked.append(first)
+    return picked
+
+
+def best_and_worst(image_miou: Sequence[float]) -> tuple[int, int]:
+    """Indices of the images with the highest and the lowest mIoU (NaN, an image without classes, is
+    neither)."""
+    scores = torch.tensor(image_miou, dtype=torch.float64).nan_to_num(nan=math.inf)
+    return int(scores.masked_fill(scores.isinf(), -math.inf).argmax()), int(scores.argmin())
+
+
 class TBLogger:
     """A SummaryWriter under ``<run>/tb`` that declares the run's hyper-parameters once, at the start."""
 
@@ -45,6 +84,31 @@ class TBLogger:
         exp, ssi, sei = hparams(hparam_dict, dict.fromkeys(HPARAM_METRICS, 0.0))
         for summary in (exp, ssi, sei):
             self.writer.file_writer.add_summary(summary)
+
+    def log_scalars(self, entry: dict, best: dict | None) -> None:
+        """One results.json history entry at step = its epoch; the val scalars (and the best so far, for the
+        HParams tab) only if the epoch was evaluated."""
+        step = entry["epoch"]
+        self.scalars({"train/loss": entry["train_loss"], "lr": entry["lr"], "lr_head": entry["lr_head"],
+                      "drop_p": entry["drop_p"]}, step)
+        if "miou" not in entry:
+            return
+        self.scalars({"val/loss": entry["val_loss"], "val/miou": entry["miou"],
+                      "val/pixel_acc": entry["pixel_acc"], "val/per_image_miou_mean": entry["per_image_miou"]["mean"],
+                      HPARAM_METRICS[0]: best["miou"] if best else None,
+                      HPARAM_METRICS[1]: best["per_image_miou"]["mean"] if best else None}, step)
+
+    def log_images(self, step: int, render: Callable[[int], torch.Tensor], ids: Sequence[str],
+                   fixed: Sequence[int], image_miou: Sequence[float] | None = None) -> None:
+        """``render(i)``'s strip of each fixed val image and, given every image's mIoU (at a new best epoch),
+        of the best and the worst image."""
+        for index in fixed:
+            self.image(f"val_images/{ids[index]}", render(index), step)
+        if image_miou is None:
+            return
+        for tag, index in zip(("best_image", "worst_image"), best_and_worst(image_miou), strict=True):
+            self.image(f"val/{tag}", render(index), step)
+            self.text(f"val/{tag}_id", f"{ids[index]} (mIoU {image_miou[index]:.3f})", step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():

@@ -186,8 +186,3 @@ def test_normalisation_uses_config_mean_std():
     image = Image.fromarray(np.full((4, 4, 3), 255, np.uint8))
     img, _ = get_transform(False, cfg)(image, np.zeros((4, 4), np.uint8))
     assert torch.allclose(img[:, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
-
-
-def test_bad_val_crop_rejected():
-    with pytest.raises(ValueError, match="val_crop"):
-        get_transform(False, data_cfg(val_crop="middle"))

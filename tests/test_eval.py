@@ -12,6 +12,7 @@ from conftest import compose_cfg, tiny_cfg
 from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights, deeplabv3_resnet101
 
 from deeplab_dropout import train as train_mod
+from deeplab_dropout.config import ConfigError
 from deeplab_dropout.eval import run_eval
 from deeplab_dropout.model import build_model
 from deeplab_dropout.train import InputError
@@ -75,7 +76,7 @@ def test_torchvision_weights_offline_is_one_line(monkeypatch, tmp_path):
         raise OSError("no network")
 
     monkeypatch.setattr(DeepLabV3_ResNet101_Weights, "get_state_dict", offline)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConfigError) as err:
         build_model(eval_cfg("model=torchvision_deeplabv3_resnet101"))
     assert "\n" not in str(err.value) and "model.pretrained=none" in str(err.value)
     with pytest.raises(ValueError, match="no regulariser sites"):

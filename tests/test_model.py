@@ -8,12 +8,14 @@ import pytest
 import torch
 import torchvision
 
+from deeplab_dropout.config import ConfigError
 from deeplab_dropout.model import (
     DeepLabV3Plus,
     ImagePooling,
     ResNetBackbone,
     build_model,
     describe_sites,
+    place_regularizers,
     regularizer_sites,
 )
 from deeplab_dropout.regularizers import ChannelDropout, DropBlock, Regularizer, UOut
@@ -263,9 +265,9 @@ def test_cell_places_table2_sites(compose_config, cell):
     assert len(regs) == sum(expected.values())
     assert all(type(m) is TYPES[kind] for m in regs.values())
     assert all(m.p == cfg.dropout.p for m in regs.values())
-    assert list(regs) == regularizer_sites(cfg)
-    # every Regularizer in the model is one of the listed sites
-    assert sum(isinstance(m, Regularizer) for m in net.modules()) == len(regs)
+    # Every place a Regularizer sits (a module shared by two sites would show at both) is a listed site.
+    placed = [n for n, m in net.named_modules(remove_duplicate=False) if isinstance(m, Regularizer)]
+    assert placed == list(regs) == regularizer_sites(cfg)
 
 
 @pytest.mark.parametrize("overrides,part,count", [
@@ -286,19 +288,29 @@ def test_dropout_none_places_nothing_even_if_placement_says_so(compose_config):
     assert regularizer_sites(cfg) == [] and build_model(cfg).regularizers() == {}
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["cell=all-uout", "dropout.name=gauss"], "none, channel, dropblock, uout"),
-    (["cell=all-uout", "placement.resnet_sites=layers"], "blocks, stages, first_block"),
-    (["cell=all-uout", "placement.spp_sites=all"], "output, branches"),
-    (["cell=all-uout", "placement.resnet_stages=[0,5]"], "resnet_stages"),
-    (["cell=all-uout", "placement.resnet_sites=first_block", "placement.resnet_stages=[3,4]"], "stage 1"),
-    (["model.output_stride=32"], "8, 16"),
-    (["model.backbone=resnet7"], "resnet18, resnet34"),
-])
-def test_invalid_config_values(compose_config, overrides, match):
-    with pytest.raises(ValueError, match=match) as err:
-        build_model(compose_config(R18 + overrides))
+def test_build_model_validates_the_config_first(compose_config, tmp_path, monkeypatch):
+    """Notebook users get config.validate's one-line error (the table in test_config.py), before any work."""
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the config was validated")
+
+    monkeypatch.setattr(DeepLabV3Plus, "__init__", never)
+    with pytest.raises(ConfigError, match=r"^model\.pretrained='.*nope\.pth' is invalid") as err:
+        build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={tmp_path / 'nope.pth'}"]))
     assert "\n" not in str(err.value)
+
+
+def test_empty_slots_are_identities_and_placing_fills_only_them(compose_config):
+    net = build_meta(compose_config(R18 + ["model.pool_norm=none"]))
+    slots = regularizer_sites(compose_config(R18 + ["cell=all-uout", "placement.spp_sites=branches"]))
+    slots += ["backbone.layer1.0.branch_drop"] + [f"backbone.layer{i}_drop" for i in range(1, 5)]
+    assert all(type(net.get_submodule(s)) is torch.nn.Identity for s in slots)
+    x = torch.randn(3, 4)
+    assert net.get_submodule(slots[0])(x) is x
+    place_regularizers(net, ["decoder.drop2"], lambda: UOut(0.1))
+    assert list(net.regularizers()) == ["decoder.drop2"]
+    for site in ("decoder.drop2", "decoder.classifier", "decoder.nodrop"):  # filled, a layer, no such child
+        with pytest.raises(ValueError, match=f"{site} is not an empty regulariser slot"):
+            place_regularizers(net, [site], lambda: UOut(0.1))
 
 
 def _anchor(net, site: str):
@@ -394,23 +406,24 @@ def test_pretrained_from_local_state_dict(compose_config, tmp_path, wrap):
 
 def test_pretrained_wrong_file_lists_keys(compose_config, tmp_path):
     path, _ = _saved_resnet(tmp_path, "resnet34")
-    with pytest.raises(ValueError, match="unexpected keys.*layer1.2") as err:
+    with pytest.raises(ConfigError, match=r"model\.pretrained=.*resnet34\.pth does not fit torchvision resnet18: "
+                       r"Unexpected key\(s\) in state_dict: \"layer1\.2\.") as err:
         build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={path}"]))
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 500  # the first keys, not all 96
     state = torchvision.models.resnet18().state_dict()
     del state["layer2.0.bn1.weight"]
     torch.save(state, tmp_path / "partial.pth")
-    with pytest.raises(ValueError, match=r"missing keys \[layer2.0.bn1.weight\]"):
+    with pytest.raises(ConfigError, match=r'Missing key\(s\) in state_dict: "layer2\.0\.bn1\.weight"'):
         build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={tmp_path}/partial.pth"]))
+    state = torchvision.models.resnet18().state_dict()
+    state["layer3.1.conv2.weight"] = torch.zeros(256, 256, 1, 1)
+    torch.save(state, tmp_path / "reshaped.pth")
+    with pytest.raises(ConfigError, match=r"size mismatch for layer3\.1\.conv2\.weight") as err:
+        build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={tmp_path}/reshaped.pth"]))
+    assert "\n" not in str(err.value)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth"):
+    with pytest.raises(ConfigError, match="junk.pth: not a readable state dict") as err:
         build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={tmp_path}/junk.pth"]))
-
-
-def test_pretrained_missing_file(compose_config, tmp_path):
-    missing = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match="nope.pth") as err:
-        build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={missing}"]))
     assert "\n" not in str(err.value)
 
 
@@ -424,7 +437,7 @@ def test_pretrained_imagenet_offline_error(compose_config, tmp_path, monkeypatch
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", never)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConfigError) as err:
         build_model(compose_config(["model=deeplabv3plus_resnet18", "model.pretrained=imagenet"]))
     msg = str(err.value)
     assert "\n" not in msg

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from deeplab_dropout.regularizers import ChannelDropout, DropBlock, Regularizer, UOut, make_regularizer
@@ -101,8 +100,6 @@ def test_make_regularizer_from_config(compose_config):
     uo = make_regularizer(compose_config(["dropout=uout", "dropout.uout_shared=true"]).dropout)
     assert isinstance(uo, UOut) and uo.shared
     assert isinstance(make_regularizer(compose_config(["dropout=channel"]).dropout), ChannelDropout)
-    with pytest.raises(ValueError, match="none, channel, dropblock, uout"):
-        make_regularizer(compose_config(["dropout=channel", "dropout.name=gaussian"]).dropout)
 
 
 # --- ChannelDropout ---------------------------------------------------------------------------------------
@@ -235,12 +232,10 @@ def test_dropblock_half_precision_keeps_mean(dtype):
     out = DropBlock(0.2, 7)(x)
     assert out.dtype == dtype and (out != 0).any()
     _mean_ratio_check(x, out)
-    if dtype is torch.bfloat16:
-        return
-    # torchvision's drop_block2d counts the kept ones in float16 (overflows -> scale 0 -> all zeros)
-    tv = torchvision.ops.drop_block2d(x, 0.2, 7)
-    if not (tv == 0).all():
-        pytest.skip("torchvision.ops.drop_block2d float16 overflow does not reproduce here (ours passed)")
+    if dtype is torch.float16:
+        # The premise: float16 cannot hold this count of kept ones, so counting in the input's dtype (as
+        # torchvision's drop_block2d does) gives scale 0 and all zeros.
+        assert torch.isinf((out != 0).to(dtype).sum())
 
 
 # --- UOut -------------------------------------------------------------------------------------------------

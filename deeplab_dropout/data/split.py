@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from deeplab_dropout.config import SPLIT_METHODS
 from deeplab_dropout.data.voc import NUM_CLASSES, DatasetError, read_mask, read_split_ids, voc_dir
 from deeplab_dropout.results import write_json
 
 OBJECT_CLASSES = range(1, NUM_CLASSES)
-SPLIT_METHODS = ("per_class", "authors", "min_cover")
 
 
 def ids_sha256(ids: list[str]) -> str:
@@ -99,6 +99,8 @@ def class_picks(presence: dict[str, list[int]], fraction: float, seed: int,
         order = np.random.default_rng([int(seed), c]).permutation(len(imgs))
         picks[c] = [imgs[k] for k in order[:quota(fraction, len(imgs), rounding)]]
     return picks
+
+
 def _greedy(presence: dict[str, list[int]], by_class: dict[int, list[str]], quota: dict[int, int],
             rng: random.Random, rarest_first: bool) -> list[str]:
     """One greedy multicover pass with seeded tie-breaks, then redundant picks dropped."""
@@ -222,6 +224,7 @@ def make_split(root: str | os.PathLike, fraction: float = 0.1, seed: int = 0, sp
                cache_dir: str | os.PathLike | None = None, method: str = "per_class") -> tuple[Path, dict]:
     """Compute (or reuse) the `method` split of `split`; return (manifest path, manifest dict)."""
     _check_method(method)
+    # config.validate checks data.fraction, but `deeplab-dropout-data split --fraction` arrives here unchecked.
     if not 0.0 < float(fraction) <= 1.0:
         raise DatasetError(f"data.fraction must be in (0, 1], got {fraction}")
     path = manifest_path(root, fraction, seed, split, cache_dir, method)

@@ -1,4 +1,7 @@
-"""Joint image/mask transforms of the paper's Table 1 (train) and the val `center` / `full` protocols."""
+"""Joint image/mask transforms of the paper's Table 1 (train) and the val `center` / `full` protocols.
+
+config.validate checks the `data` values (ranges, val_crop); these transforms trust them.
+"""
 from __future__ import annotations
 
 import math
@@ -24,10 +27,7 @@ class RandomGaussianBlur(v2.Transform):
 
     def __init__(self, p: float, radius: Sequence[float]) -> None:
         super().__init__()
-        lo, hi = float(radius[0]), float(radius[1])
-        if not 0.0 <= lo <= hi:
-            raise ValueError(f"data.blur_radius must be [lo, hi] with 0 <= lo <= hi, got {list(radius)}")
-        self.p, self.lo, self.hi = float(p), lo, hi
+        self.p, self.lo, self.hi = float(p), float(radius[0]), float(radius[1])
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         apply = bool(torch.rand(()) < self.p)
@@ -103,8 +103,6 @@ def get_transform(train: bool, data_cfg: Any) -> SegTransform:
     base = int(_get(data_cfg, "base_size"))
     if train:
         lo, hi = (float(s) for s in _get(data_cfg, "scale_range"))
-        if not 0 < lo <= hi:
-            raise ValueError(f"data.scale_range must be [lo, hi] with 0 < lo <= hi, got {[lo, hi]}")
         steps: list[v2.Transform] = [
             # Short side uniform in [lo, hi] × base_size (RandomResize samples an int short side).
             v2.RandomResize(max(1, round(base * lo)), max(1, round(base * hi)) + 1),
@@ -113,14 +111,10 @@ def get_transform(train: bool, data_cfg: Any) -> SegTransform:
             v2.RandomHorizontalFlip(float(_get(data_cfg, "flip_p"))),
             RandomGaussianBlur(float(_get(data_cfg, "blur_p")), _get(data_cfg, "blur_radius")),
         ]
-    else:
-        mode = str(_get(data_cfg, "val_crop"))
-        if mode == "center":
-            steps = [v2.Resize(base), PadTo(crop, center=True), v2.CenterCrop(crop)]
-        elif mode == "full":
-            steps = []
-        else:
-            raise ValueError(f"data.val_crop must be 'center' or 'full', got {mode!r}")
+    elif str(_get(data_cfg, "val_crop")) == "center":
+        steps = [v2.Resize(base), PadTo(crop, center=True), v2.CenterCrop(crop)]
+    else:  # full: the whole image
+        steps = []
     return SegTransform(v2.Compose(steps + _finish(data_cfg)))
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from deeplab_dropout.config import one_line
+
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -43,10 +45,6 @@ class DatasetError(ValueError):
     """A problem with the data on disk; the message is one line naming the file and what is wrong."""
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def voc_dir(root: str | os.PathLike) -> Path:
     """The VOC 2012 folder under a data root: `root/VOCdevkit/VOC2012`."""
     return Path(root).expanduser() / "VOCdevkit" / "VOC2012"
@@ -73,47 +71,40 @@ def read_split_ids(root: str | os.PathLike, split: str) -> list[str]:
     try:
         ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"unreadable split file: {path} ({_one_line(e)})") from None
+        raise DatasetError(f"unreadable split file: {path} ({one_line(e)})") from None
     if not ids:
         raise DatasetError(f"split file lists no images: {path}")
     return ids
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB, fully decoded so truncated or corrupt files fail here."""
-    path = Path(path)
+def _open(path: Path, kind: str) -> Image.Image:
+    """Open and fully decode an image file, so truncated or corrupt files fail here in one line."""
     if not path.is_file():
-        raise DatasetError(f"image not found: {path}")
+        raise DatasetError(f"{kind} not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return im.copy()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"corrupt or unreadable image: {path} ({_one_line(e)})") from None
+        raise DatasetError(f"corrupt or unreadable {kind}: {path} ({one_line(e)})") from None
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image as RGB, fully decoded so truncated or corrupt files fail here."""
+    return _open(Path(path), "image").convert("RGB")
 
 
 def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a palette/L PNG mask as uint8 H×W labels, checking values (0..20, 255) and (W, H) `size` if given."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"mask not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            # Converting RGB masks would silently turn colours into wrong labels, so refuse them.
-            if mode not in ("P", "L"):
-                raise DatasetError(f"mask is not a palette or L PNG: {path} has mode {mode}")
-            if size is not None and im.size != tuple(size):
-                raise DatasetError(
-                    f"mask size differs from its image: {path} is {im.size[0]}x{im.size[1]}, "
-                    f"the image is {size[0]}x{size[1]}"
-                )
-            mask = np.array(im, dtype=np.uint8)
-    except DatasetError:
-        raise
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"corrupt or unreadable mask: {path} ({_one_line(e)})") from None
+    im = _open(path, "mask")
+    # Converting RGB masks would silently turn colours into wrong labels, so refuse them.
+    if im.mode not in ("P", "L"):
+        raise DatasetError(f"mask is not a palette or L PNG: {path} has mode {im.mode}")
+    if size is not None and im.size != tuple(size):
+        raise DatasetError(f"mask size differs from its image: {path} is {im.size[0]}x{im.size[1]}, "
+                           f"the image is {size[0]}x{size[1]}")
+    mask = np.array(im, dtype=np.uint8)
     present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
     bad = [int(v) for v in present if not _VALID_LABELS[v]]
     if bad:
@@ -131,7 +122,7 @@ def download_voc(root: str | os.PathLike) -> Path:
     try:
         _TVVOC(str(root_p), year="2012", image_set="trainval", download=True)
     except Exception as e:  # network / checksum failures: keep the one-line contract
-        raise DatasetError(f"VOC 2012 download into {root_p} failed: {_one_line(e)}") from None
+        raise DatasetError(f"VOC 2012 download into {root_p} failed: {one_line(e)}") from None
     return voc_dir(root_p)
 
 
