@@ -8,7 +8,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from deeplab_dropout.results import CONF_DIR as _CONF
+
+CONF_DIR = str(_CONF)
 
 # Small enough for seconds on 2 CPU cores, still the real code paths.
 TINY = [
