@@ -52,14 +52,22 @@ def _one_of(key: str, value, allowed: Iterable) -> None:
         raise invalid(key, value, "one of " + ", ".join(map(str, allowed)))
 
 
-def _number(key: str, value, low: float, high: float | None = None, *, low_open=False, integer=False) -> None:
+def _number(key: str, value, low: float, high: float | None = None, *, low_open=False, high_open=False,
+            integer=False) -> None:
     kind = "an integer" if integer else "a number"
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
     ok = ok and not isinstance(value, bool)
-    rng = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' if high is None else ']'}"
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    high_open = high_open or high is None
+    rng = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high}{')' if high_open else ']'}"
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
         raise invalid(key, value, f"{kind} in {rng}")
+
+
+def _check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):  # `in (True, False)` would let 1 and 0 through
+        raise invalid(key, value, "true or false")
 
 
 def _placement(cfg: DictConfig) -> None:
@@ -134,9 +142,7 @@ def _data(d: DictConfig) -> None:
 
 
 def _dropout_and_schedule(cfg: DictConfig) -> None:
-    _number("dropout.p", cfg.dropout.p, 0, 1)
-    if cfg.dropout.p >= 1:
-        raise invalid("dropout.p", cfg.dropout.p, "a number in [0, 1)")
+    _number("dropout.p", cfg.dropout.p, 0, 1, high_open=True)
     _number("dropout.block_size", cfg.dropout.block_size, 1, integer=True)
     s = cfg.schedule
     _one_of("schedule.name", s.name, SCHEDULE_NAMES)
@@ -178,6 +184,8 @@ def _trainer(cfg: DictConfig) -> None:
     _one_of("trainer.monitor", t.monitor, MONITORS)
     _one_of("trainer.resume", t.resume, RESUME)
     _one_of("trainer.progress", t.progress, ("auto", True, False))
+    for key in ("rerun", "keep_last"):
+        _check_bool(f"trainer.{key}", t[key])
     for key in ("max_train_steps", "max_val_images"):
         if t[key] is not None:
             _number(f"trainer.{key}", t[key], 1, integer=True)

@@ -1,11 +1,15 @@
-"""`deeplab-dropout-eval`: evaluate a checkpoint (with its run's config) or torchvision's COCO-trained
-DeepLabv3 (the paper's `pretrained-base` row) on the val set, with the training runs' metrics code.
+"""`deeplab-dropout-eval [RUN_DIR_OR_CHECKPOINT] [overrides]`: evaluate a checkpoint (with its run's config)
+or torchvision's COCO-trained DeepLabv3 (the paper's `pretrained-base` row) on the val set, with the
+training runs' metrics code.
 
+A run directory means its checkpoints/best.pt. The path comes first and is taken out of the command line
+before Hydra parses it, so sweep folders (``cell=none,schedule=constant``) need no escaping.
 Writes a one-epoch results.json in its own Hydra run directory.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from deeplab_dropout.config import ConfigError, one_line, validate
 from deeplab_dropout.data import get_val_dataset
+from deeplab_dropout.entry import run_app
 from deeplab_dropout.model import build_model, cell_name
-from deeplab_dropout.results import CONF_DIR, RunResults, load_checkpoint
+from deeplab_dropout.results import BEST, CONF_DIR, RunResults, load_run_checkpoint
 from deeplab_dropout.train import (
     INPUT_ERRORS,
     VAL_KEYS,
@@ -32,6 +37,7 @@ from deeplab_dropout.train import (
 
 log = logging.getLogger("deeplab_dropout")
 GROUPS = ("model", "data", "dropout", "placement", "schedule", "loss", "optim", "trainer")
+_positional: list[str] = []  # the RUN_DIR_OR_CHECKPOINT argument, taken out of sys.argv by ``main``
 
 
 def checkpoint_config(cfg: DictConfig, saved: dict, overrides: list[str]) -> DictConfig:
@@ -53,23 +59,15 @@ def checkpoint_config(cfg: DictConfig, saved: dict, overrides: list[str]) -> Dic
     return merged
 
 
-def load_run_checkpoint(path: Path) -> dict:
-    """A checkpoint written by deeplab-dropout-train (last.pt or best.pt)."""
-    saved = load_checkpoint(path)
-    keys = saved.keys() if isinstance(saved, dict) else ()
-    missing = [k for k in ("model", "config", "cell", "epoch") if k not in keys]
-    if missing:
-        raise ConfigError(f"checkpoint={path} is invalid: not a deeplab-dropout-train checkpoint "
-                          f"(no {', '.join(missing)})")
-    return saved
-
-
 def eval_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict | None]:
     """The config to evaluate with and the checkpoint whose weights to use (None: the config's model)."""
-    checkpoint = cfg.checkpoint
-    if checkpoint is None:
+    if cfg.checkpoint is None:
         return cfg, None
-    saved = load_run_checkpoint(Path(str(checkpoint)).expanduser())
+    checkpoint = Path(str(cfg.checkpoint)).expanduser()
+    if checkpoint.is_dir():  # a run directory: the checkpoint of its best epoch
+        checkpoint = checkpoint / BEST
+    saved = load_run_checkpoint(checkpoint)
+    checkpoint = str(checkpoint)
     cfg = checkpoint_config(cfg, saved["config"], overrides)
     cfg.checkpoint = checkpoint
     # The checkpoint holds every weight: don't fetch the backbone's initial weights.
@@ -124,10 +122,28 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
+def app(cfg: DictConfig) -> None:
+    """The Hydra app; the positional RUN_DIR_OR_CHECKPOINT, if given, is the checkpoint."""
     overrides = list(HydraConfig.get().overrides.task)
+    if _positional:
+        if cfg.checkpoint is not None:
+            print(f"error: give the checkpoint once: {_positional[0]} or checkpoint=...", file=sys.stderr)
+            sys.exit(2)
+        cfg.checkpoint = _positional[0]
     exit_on_input_error(lambda c, d: run_eval(c, d, overrides), cfg)
+
+
+def is_path_argument(arg: str) -> bool:
+    """Whether a command-line argument is RUN_DIR_OR_CHECKPOINT rather than an override or an option."""
+    return os.path.exists(os.path.expanduser(arg)) or not (arg.startswith(("-", "~")) or "=" in arg)
+
+
+def main() -> None:
+    """`deeplab-dropout-eval`: take RUN_DIR_OR_CHECKPOINT out of sys.argv, then run the Hydra app (a
+    mistyped override prints one line and exits 2)."""
+    if len(sys.argv) > 1 and is_path_argument(sys.argv[1]):
+        _positional[:] = [sys.argv.pop(1)]
+    run_app(app)
 
 
 if __name__ == "__main__":

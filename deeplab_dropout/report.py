@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from deeplab_dropout.results import RESUME_FREE_KEYS, write_json
+from deeplab_dropout.results import BEST, RESUME_FREE_KEYS, write_json
 
 TABLE2_ORDER = ["pretrained-base", "none"] + [
     f"{where}-{kind}" for kind in ("chandrop", "dropblock", "uout")
@@ -98,6 +99,13 @@ def check_run(data: Any) -> str | None:
     return None
 
 
+def eval_command(run_dir: Path) -> str | None:
+    """The shell command that evaluates the run in ``run_dir`` again (None if it has no best checkpoint)."""
+    if not (run_dir / BEST).is_file():
+        return None
+    return f"deeplab-dropout-eval {shlex.quote(str(run_dir.resolve()))}"
+
+
 def load_runs(root: Path) -> list[dict]:
     """Every usable results.json below ``root``, with ``path`` (its folder relative to ``root``) added.
 
@@ -116,6 +124,7 @@ def load_runs(root: Path) -> list[dict]:
             print(f"warning: skipping {path}: {problem}", file=sys.stderr)
             continue
         data["path"] = str(path.parent.relative_to(root))
+        data["eval"] = eval_command(path.parent)
         runs.append(data)
     return runs
 
@@ -212,8 +221,8 @@ def make_row(exp: dict, keys: set[str], every_schedule: bool) -> dict:
         status[r["status"]] = status.get(r["status"], 0) + 1
     return {"label": label, "cell": exp["cell"], "every_schedule": every_schedule, "keys": shown,
             "n": len(counted), "seeds": [r["config"]["seed"] for r, _ in counted],
-            "runs": [{"path": r["path"], "seed": r["config"]["seed"], "status": r["status"]}
-                     for r in exp["runs"]],
+            "runs": [{"path": r["path"], "seed": r["config"]["seed"], "status": r["status"],
+                      "eval": r.get("eval")} for r in exp["runs"]],
             "duplicates": exp["duplicates"], "columns": columns, "status": dict(sorted(status.items()))}
 
 
@@ -271,6 +280,9 @@ def format_table(table: dict[str, list[dict]]) -> str:
         notes += [f"note: {row['label']}: seed {d['seed']} of {d['path']} ({d['status']}) is the same run as "
                   f"{d['same_as']}, counted once" for row in rows for d in row["duplicates"]]
         out += [""] + notes if notes else []
+        commands = [f"- {row['label']}, seed {r['seed']}: `{r['eval']}`" for row in rows for r in row["runs"]
+                    if r.get("eval")]
+        out += ["", "Evaluate a run again:", ""] + commands if commands else []
         out.append("")
     return "\n".join(out)
 

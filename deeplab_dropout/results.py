@@ -8,14 +8,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import tempfile
 import time
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from deeplab_dropout.config import ConfigError
+from deeplab_dropout.config import ConfigError, one_line
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 LAST, BEST = Path("checkpoints/last.pt"), Path("checkpoints/best.pt")  # in the run dir
@@ -31,10 +35,28 @@ def _run_invariant_keys() -> tuple[str, ...]:
 # Config keys that may change when a run is resumed (and that the report ignores when it groups runs into
 # experiments, and sweep directory names leave out): they don't change what is computed.
 RESUME_FREE_KEYS = _run_invariant_keys()
+KILL_AT_ENV = "DEEPLAB_DROPOUT_KILL_AT"
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file beside ``path``, then rename over it (no torn files)."""
+def kill_point(point: str, n: int) -> None:
+    """Test hook: SIGKILL this process here if $DEEPLAB_DROPOUT_KILL_AT is ``point:n``, so tests can kill a run
+    at an exact moment: ``step:N`` before training iteration N (1-based, as results.json's ``iteration``),
+    ``eval:E`` as evaluation of epoch E starts, ``ckpt:E`` in the write of epoch E's last.pt, after the temp
+    file is written and before it is renamed over last.pt. Unset (always, outside tests) it does nothing."""
+    if os.environ.get(KILL_AT_ENV) == f"{point}:{n}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@cache
+def _umask() -> int:
+    old = os.umask(0)  # the only way to read it
+    os.umask(old)
+    return old
+
+
+def atomic_write(path: Path, write, before_rename: Callable[[], None] | None = None) -> None:
+    """Call ``write(file_object)`` on a temp file beside ``path``, then rename over it (no torn files). The
+    file gets the usual permissions under the user's umask (mkstemp alone would leave it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -42,6 +64,9 @@ def atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -129,12 +154,22 @@ class RunResults:
     def write(self) -> None:
         write_json(self.path, self.data)
 
+    @classmethod
+    def read(cls, path: Path, monitor: str = "miou") -> RunResults:
+        """The results.json at ``path`` as written by ``write`` (an unreadable file is ConfigError)."""
+        results = cls(path, cell="", config={}, split={}, monitor=monitor)
+        try:
+            results.data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path}: {one_line(e)}") from e
+        return results
 
-def save_checkpoint(path: Path, state: dict) -> None:
+
+def save_checkpoint(path: Path, state: dict, before_rename: Callable[[], None] | None = None) -> None:
     """torch.save ``state`` atomically (temp file + rename): a crash never leaves a half-written .pt."""
     import torch
 
-    atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), lambda f: torch.save(state, f), before_rename)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -151,15 +186,71 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
+def load_run_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config", "cell", "epoch")) -> dict:
+    """A checkpoint written by deeplab-dropout-train holding ``keys``; anything else is one ConfigError line."""
+    saved = load_checkpoint(path)
+    missing = [k for k in keys if k not in (saved.keys() if isinstance(saved, dict) else ())]
+    if missing:
+        raise ConfigError(f"{path} is not a deeplab-dropout-train checkpoint (no {', '.join(missing)}); "
+                          "move it away or use another run dir")
+    return saved
+
+
 def save_checkpoints(run_dir: Path, results: RunResults, training: dict, is_best: bool) -> None:
     """After an epoch: LAST (``training``'s state dicts, the history and config: all that resuming needs)
-    and, at a new best epoch, BEST (the model's weights, config and that epoch's metrics)."""
-    data = results.data
-    run = {"epoch": results.history[-1]["epoch"], "config": data["config"], "cell": data["cell"],
-           "split": data["split"]}
-    save_checkpoint(run_dir / LAST, {**training, **run, "history": results.history})
+    and, at a new best epoch, BEST (the model's weights, config and that epoch's metrics, no optimiser).
+    LAST goes first: a kill between the two leaves a LAST whose history names the new best, from which
+    ``repair_best`` rewrites BEST on resume (the other order would lose the previous best's weights)."""
+    epoch = results.history[-1]["epoch"]
+    save_checkpoint(run_dir / LAST, {**training, **_run_record(results), "history": results.history},
+                    before_rename=lambda: kill_point("ckpt", epoch))
     if is_best:
-        save_checkpoint(run_dir / BEST, {"model": training["model"], **run, "metrics": data["best"]})
+        save_best(run_dir, results, training["model"])
+
+
+def _run_record(results: RunResults) -> dict:
+    data = results.data
+    return {"epoch": results.history[-1]["epoch"], "config": data["config"], "cell": data["cell"],
+            "split": data["split"]}
+
+
+def save_best(run_dir: Path, results: RunResults, model_state: dict) -> None:
+    """BEST: the weights of the last epoch in ``results`` (its best), with config, split and metrics."""
+    save_checkpoint(run_dir / BEST, {"model": model_state, **_run_record(results), "metrics": results.data["best"]})
+
+
+def repair_best(run_dir: Path, results: RunResults, saved: dict) -> None:
+    """On resume from ``saved`` (LAST, its history already in ``results``): make BEST agree with that history.
+    A kill between LAST's and BEST's writes left BEST one best behind; rewrite it from LAST's weights."""
+    best_epoch = results.data["best_epoch"]
+    if best_epoch is None or best_epoch != saved["epoch"]:
+        return
+    best = run_dir / BEST
+    if not best.exists() or load_checkpoint(best)["epoch"] != best_epoch:
+        save_best(run_dir, results, saved["model"])
+
+
+def remove_temp_files(run_dir: Path) -> None:
+    """Delete the temp files killed writes left in the run dir and its checkpoints/ (never a finished file)."""
+    for folder in (run_dir, run_dir / LAST.parent):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Move what an earlier run left in ``run_dir`` into ``<run_dir>.old-<time>/`` beside it (kept, never
+    deleted); Hydra's ``.hydra/`` and log, already rewritten for this launch, stay. Returns the new folder."""
+    old = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"] if run_dir.is_dir() else []
+    if not old:
+        return None
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    aside.mkdir(parents=True)
+    for p in old:
+        shutil.move(str(p), aside / p.name)
+    return aside
 
 
 def check_resumable(saved: dict, config: dict, checkpoint: Path) -> None:

@@ -4,12 +4,21 @@
 A run without a regulariser computes the same thing under every schedule (the ramp of p = 0 changes
 nothing), so `-m 'cell=glob(*)' schedule=constant,linear` trains `none` once: 31 runs, not 32. The
 report shows that one run under both schedules.
+
+A job that fails doesn't stop the others: the sweeper runs them all, then lists the failed ones
+(``failure_report``) and exits non-zero; the same command again retries them (completed runs are skipped).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig, OmegaConf
+
+from deeplab_dropout.config import one_line
+from deeplab_dropout.gpus import gpu_for_job
 from deeplab_dropout.report import experiment_key
 
 log = logging.getLogger(__name__)
@@ -35,3 +44,44 @@ def drop_repeats(jobs: Sequence[Sequence[str]], identities: Sequence[str], seen:
         kept.append(overrides)
     return kept
 
+
+class JobExited(RuntimeError):
+    """A job called sys.exit: that job failed, the sweep goes on."""
+
+
+class SweepTask:
+    """The task function as the study sweeper hands it to every launcher: each job on a GPU of its own
+    (deeplab_dropout.gpus), and a job that calls sys.exit fails alone instead of ending the whole sweep.
+
+    Picklable, so it travels to joblib, submitit and Ray workers with the function it wraps."""
+
+    def __init__(self, task_function: Callable[[DictConfig], Any]) -> None:
+        self.task_function = task_function
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        with gpu_for_job(cfg):
+            try:
+                return self.task_function(cfg)
+            except SystemExit as e:
+                if e.code in (0, None):
+                    raise
+                raise JobExited(f"exited with status {e.code}") from e
+
+
+def failure(job: JobReturn) -> str | None:
+    """``<run dir name>: <one-line error>`` for a failed job (its traceback goes to the log), else None."""
+    if job.status != JobStatus.FAILED:
+        return None
+    name = (OmegaConf.select(job.hydra_cfg, "hydra.job.override_dirname") if job.hydra_cfg is not None
+            else None) or ",".join(job.overrides or []) or "(no overrides)"
+    error = job._return_value  # the exception; `return_value` would raise it
+    # Bad input (train.InputError, by name: under `python -m` its class lives in __main__, and config and
+    # data errors are ValueErrors) says all in one line; anything else keeps its traceback.
+    expected = isinstance(error, ValueError) or any(c.__name__ == "InputError" for c in type(error).__mro__)
+    log.error("run %s failed: %s", name, one_line(error), exc_info=None if expected else error)
+    return f"{name}: {one_line(error)}"
+
+
+def failure_report(failures: Sequence[str], n_runs: int) -> str:
+    """The lines a sweep ends with when some of its runs failed."""
+    return "\n".join([f"failed: {len(failures)} of {n_runs} runs:", *(f"  {line}" for line in failures)])

@@ -2,7 +2,8 @@
 
 Read top to bottom: ``set_up`` (config validation, device and precision, data, model, optimiser, resume)
 returns one ``RunState``; then ``run`` calls, per epoch, ``train_one_epoch``, ``evaluate`` and
-``record_epoch`` (results.json, TensorBoard, checkpoints). ``main`` is the Hydra entry point.
+``record_epoch`` (results.json, TensorBoard, checkpoints). A re-launch skips a completed run and resumes
+an interrupted or failed one from checkpoints/last.pt. ``main`` is the Hydra entry point.
 """
 from __future__ import annotations
 
@@ -35,7 +36,11 @@ from deeplab_dropout.results import (
     LAST,
     RunResults,
     check_resumable,
-    load_checkpoint,
+    kill_point,
+    load_run_checkpoint,
+    move_aside,
+    remove_temp_files,
+    repair_best,
     save_checkpoints,
 )
 from deeplab_dropout.schedules import poly_lr, scheduled_drop_p
@@ -44,6 +49,7 @@ from deeplab_dropout.tb import TBLogger, pick_tb_images, run_hparams, strip
 log = logging.getLogger("deeplab_dropout")
 # What is wrong with the input rather than the code: the config (weights included), the data, a file.
 INPUT_ERRORS = (ConfigError, DatasetError, OSError)
+RESULTS = Path("results.json")  # in the run dir
 VAL_KEYS = ("val_loss", "miou", "pixel_acc", "class_iou", "per_image_miou")  # evaluate's, in results.json
 
 
@@ -161,15 +167,29 @@ def make_val_loader(cfg: DictConfig, val_ds, runtime: Runtime) -> DataLoader:
                       pin_memory=runtime.device.type == "cuda", worker_init_fn=seed_worker)
 
 
+def earlier_run(cfg: DictConfig, run_dir: Path) -> RunResults | None:
+    """What an earlier launch left in ``run_dir``: its results if it completed with this config (to skip),
+    else None (start, or resume from last.pt). trainer.rerun=true first moves it all aside; another config's
+    results.json, or any earlier run with trainer.resume=never, is a ConfigError."""
+    if cfg.trainer.rerun and (aside := move_aside(run_dir)) is not None:
+        log.info("trainer.rerun=true: moved the earlier run in %s to %s", run_dir, aside)
+    found = [name for name in (RESULTS, LAST) if (run_dir / name).exists()]
+    if found and cfg.trainer.resume == "never":
+        raise ConfigError(f"trainer.resume=never but {run_dir} already holds a run ({found[0]}); use "
+                          "trainer.resume=auto to continue it, or another hydra.run.dir (hydra.sweep.dir for -m)")
+    if RESULTS not in found:
+        return None
+    earlier = RunResults.read(run_dir / RESULTS, cfg.trainer.monitor)
+    check_resumable(earlier.data.get("config", {}), OmegaConf.to_container(cfg, resolve=True), run_dir / RESULTS)
+    return earlier if earlier.data.get("status") == "completed" else None
+
+
 def resumable_checkpoint(cfg: DictConfig, run_dir: Path) -> dict | None:
     """``run_dir``'s last checkpoint if the run is to continue from it (same config), else None."""
     last = run_dir / LAST
     if not last.exists():
         return None
-    if cfg.trainer.resume == "never":
-        raise ConfigError(f"trainer.resume=never but {run_dir} already holds a run (checkpoints/last.pt); "
-                          "use trainer.resume=auto to continue it, or another hydra.run.dir (hydra.sweep.dir for -m)")
-    saved = load_checkpoint(last)
+    saved = load_run_checkpoint(last, ("model", "optimizer", "scaler", "history", "epoch", "config"))
     check_resumable(saved["config"], OmegaConf.to_container(cfg, resolve=True), last)
     return saved
 
@@ -182,7 +202,7 @@ def set_up(cfg: DictConfig, run_dir: Path) -> RunState:
         runtime = resolve_device(cfg)
         saved = resumable_checkpoint(cfg, run_dir)
         seed_everything(cfg.seed)
-        train_ds, val_ds, split = get_datasets(cfg.data)
+        train_ds, val_ds, split = get_datasets(cfg.data, seed=cfg.seed)
         train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, runtime)
         model = runtime.prepare(build_model(cfg))
         optimizer = make_optimizer(model, cfg)
@@ -214,6 +234,8 @@ def resume(state: RunState, saved: dict) -> None:
     state.scaler.load_state_dict(saved["scaler"])
     state.results.restore(saved["history"])
     state.start_epoch = saved["epoch"]
+    remove_temp_files(state.run_dir)  # of a write that a kill cut short
+    repair_best(state.run_dir, state.results, saved)
     log.info("resuming from %s after epoch %d", state.run_dir / LAST, state.start_epoch)
 
 
@@ -241,13 +263,35 @@ def set_schedules(state: RunState, it: int) -> float:
     return drop_p
 
 
+def train_step(state: RunState, images, targets, epoch: int, it: int) -> tuple[float, int, torch.Tensor, float]:
+    """One SGD step at iteration ``it`` with its poly LR and dropout ramp; returns (loss summed over valid
+    pixels, their count, the loss, drop p). A NaN/inf loss stops the run here, before the step."""
+    kill_point("step", it + 1)
+    cfg = state.cfg
+    drop_p = set_schedules(state, it)
+    _, _, loss_sum, n_px = forward(state.model, images, targets, state.runtime, cfg.data.ignore_index)
+    loss = reduce_loss(loss_sum, n_px, targets.shape[0], cfg.loss)
+    loss_value = loss_sum.item()
+    if not math.isfinite(loss_value):
+        last = f"is {LAST}, epoch {epoch}" if epoch > 0 else "does not exist yet"
+        raise FloatingPointError(f"training loss is {loss_value} at epoch {epoch + 1}, iteration {it + 1} "
+                                 f"(the last good checkpoint {last})")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return loss_value, n_px, loss, drop_p
+
+
 def train_one_epoch(state: RunState, epoch: int) -> dict:
     """One pass over the training set with per-iteration poly LR and dropout ramp; returns epoch stats."""
-    cfg, model, optimizer, loader = state.cfg, state.model, state.optimizer, state.train_loader
-    # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly.
+    cfg, optimizer, loader = state.cfg, state.optimizer, state.train_loader
+    # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly. The
+    # augmentation of each sample derives from (seed, epoch, index), whichever worker loads it.
     seed_everything(cfg.seed * 1_000_003 + epoch)
     loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
-    model.train()
+    state.train_ds.epoch = epoch  # before the loader's workers start (each epoch, with copies of it)
+    state.model.train()
     steps = len(loader) if cfg.trainer.max_train_steps is None else min(len(loader), cfg.trainer.max_train_steps)
     total_loss, total_px, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -258,23 +302,14 @@ def train_one_epoch(state: RunState, epoch: int) -> dict:
         if step == steps:
             break
         it = epoch * len(loader) + step
-        drop_p = set_schedules(state, it)
-        _, _, loss_sum, n_px = forward(model, images, targets, state.runtime, cfg.data.ignore_index)
-        loss = reduce_loss(loss_sum, n_px, targets.shape[0], cfg.loss)
-        optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(optimizer)
-        state.scaler.update()
-
-        total_loss += loss_sum.item()
+        loss_sum, n_px, loss, drop_p = train_step(state, images, targets, epoch, it)
+        total_loss += loss_sum
         total_px += n_px
         seen += targets.shape[0]
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         p=f"{drop_p:.3f}", ips=f"{seen / (time.perf_counter() - start):.1f}")
     bar.close()
-    if not math.isfinite(total_loss):
-        raise FloatingPointError(f"training loss is {total_loss} in epoch {epoch + 1}")
     # On the configured scale (loss.batch_average divides by trainer.batch_size, every step's batch size).
     return {"train_loss": reduce_loss(total_loss, total_px, cfg.trainer.batch_size, cfg.loss),
             "lr": optimizer.param_groups[0]["lr"], "lr_head": optimizer.param_groups[1]["lr"],
@@ -344,29 +379,48 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def run_epoch(state: RunState, epoch: int) -> None:
+    """Train epoch ``epoch`` (0-based), evaluate it if due, record it."""
+    t0 = time.perf_counter()
+    stats = train_one_epoch(state, epoch)
+    ev = None
+    if is_eval_epoch(state.cfg, epoch):
+        kill_point("eval", epoch + 1)
+        ev = evaluate(state.model, state.val_loader, state.cfg, state.runtime, state.progress)
+    record_epoch(state, epoch, stats, ev, time.perf_counter() - t0)
+
+
+def skip_completed(cfg: DictConfig, run_dir: Path) -> RunResults | None:
+    """The results of a completed run of ``cfg`` in ``run_dir`` (nothing to do), else None; input errors
+    (config, another config's run dir) as a one-line InputError."""
+    try:
+        validate(cfg)
+        return earlier_run(cfg, run_dir)
+    except INPUT_ERRORS as e:
+        raise InputError(one_line(e)) from e
+
+
 def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Train and evaluate one configuration in ``run_dir``; returns the best monitored value."""
+    """Train and evaluate one configuration in ``run_dir``; returns the best monitored value. A completed run
+    is left as it is, an interrupted or failed one resumes from last.pt (or starts afresh without one)."""
+    done = skip_completed(cfg, run_dir)
+    if done is not None:  # e.g. a sweep re-run with the same hydra.sweep.dir
+        log.info("skipping %s: already completed", run_dir)
+        return done.best_value()
     state = set_up(cfg, run_dir)
     results = state.results
-    if state.start_epoch >= cfg.trainer.epochs:  # e.g. a sweep re-run with the same hydra.sweep.dir
-        log.info("%s is already complete", run_dir)
-        results.finish("completed")
-        return results.best_value()
     results.write()
     state.tb = TBLogger(run_dir / "tb", run_hparams(cfg))
     try:
         for epoch in range(state.start_epoch, cfg.trainer.epochs):
-            t0 = time.perf_counter()
-            stats = train_one_epoch(state, epoch)
-            ev = None
-            if is_eval_epoch(cfg, epoch):
-                ev = evaluate(state.model, state.val_loader, cfg, state.runtime, state.progress)
-            record_epoch(state, epoch, stats, ev, time.perf_counter() - t0)
+            run_epoch(state, epoch)
     except BaseException as e:
         results.finish("failed", error=f"{type(e).__name__}: {e}")
         raise
     else:
         results.finish("completed")
+        if not cfg.trainer.keep_last:  # only resuming needs it (optimiser state): best.pt holds the weights
+            (run_dir / LAST).unlink(missing_ok=True)
     finally:
         state.tb.close()
     best = results.data["best"]
@@ -378,19 +432,38 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 
 def exit_on_input_error(job, cfg: DictConfig):
-    """Run ``job(cfg, run_dir)`` in the Hydra run dir; bad input ends the process with one line and exit 2
-    (results.json, if any, already says "failed"); anything else keeps its traceback."""
+    """Run ``job(cfg, run_dir)`` in the Hydra run dir; bad input prints one line, ``error: ...``. A single run
+    then exits 2 (results.json, if any, already says "failed"); a multirun job records the error in its
+    results.json and re-raises, so Hydra marks that job FAILED and the sweep goes on. Anything else keeps its
+    traceback."""
+    from hydra.types import RunMode
+
+    from deeplab_dropout.entry import EXIT_INPUT, record_failure
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return job(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return job(cfg, run_dir)
     except (InputError, DatasetError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        message = one_line(e)
+        print(f"error: {message}", file=sys.stderr)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            sys.exit(EXIT_INPUT)
+        record_failure(run_dir / "results.json", cfg, message)
+        raise
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Hydra entry point: one run (or one job of a multirun)."""
+def app(cfg: DictConfig) -> float:
+    """The Hydra app: one run (or one job of a multirun)."""
     return exit_on_input_error(run, cfg)
+
+
+def main() -> None:
+    """`deeplab-dropout-train`: the Hydra app, with a mistyped override as one line (exit 2)."""
+    from deeplab_dropout.entry import run_app
+
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from deeplab_dropout.train import InputError
 @pytest.fixture(scope="module")
 def trained(voc_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    train_mod.run(tiny_cfg(voc_root, "cell=upper-uout", "trainer.epochs=2"), run_dir)
+    train_mod.run(tiny_cfg(voc_root, "cell=upper-uout", "trainer.epochs=2", "trainer.keep_last=true"), run_dir)
     return run_dir
 
 
@@ -91,3 +91,17 @@ def test_missing_checkpoint_is_an_input_error(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint not found")
+
+
+def test_eval_takes_a_sweep_run_dir_as_its_first_argument(voc_root, tmp_path):
+    """The path as the runner wrote it (``=`` and ``,`` in a sweep folder's name), unescaped."""
+    run_dir = tmp_path / "sweep" / "cell=none,schedule=constant"
+    train_mod.run(tiny_cfg(voc_root, "trainer.epochs=1"), run_dir)
+    proc = subprocess.run([sys.executable, "-m", "deeplab_dropout.eval", str(run_dir),
+                           f"hydra.run.dir={tmp_path / 'eval'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((run_dir / "results.json").read_text())
+    res = json.loads((tmp_path / "eval/results.json").read_text())
+    assert res["checkpoint"]["path"] == str(run_dir / "checkpoints/best.pt")
+    for key in ("miou", "per_image_miou", "class_iou", "val_loss"):
+        assert res["history"][0][key] == run["best"][key]

@@ -9,6 +9,7 @@ import copy
 import functools
 import json
 import math
+import shlex
 import statistics
 
 import numpy as np
@@ -219,3 +220,16 @@ def test_experiment_key_ignores_seed_and_the_schedule_of_unregularised_runs():
 def test_empty_dir_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: no results.json")
+
+
+def test_each_run_with_a_best_checkpoint_gets_a_pasteable_eval_command(tmp_path, capsys):
+    kept = fake_run(tmp_path, ["cell=spp-uout", "schedule=constant"], 0, 0.5)
+    fake_run(tmp_path, ["cell=spp-uout", "schedule=constant"], 1, 0.6)  # no checkpoint: no command
+    (tmp_path / kept / "checkpoints").mkdir()
+    (tmp_path / kept / "checkpoints/best.pt").write_bytes(b"")
+    assert main([str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "report.json").read_text())["constant"][0]
+    commands = {r["seed"]: r["eval"] for r in row["runs"]}
+    assert commands[1] is None
+    assert shlex.split(commands[0]) == ["deeplab-dropout-eval", str((tmp_path / kept).resolve())]
+    assert f"- spp-uout, seed 0: `{commands[0]}`" in capsys.readouterr().out

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import itertools
+import sys
 
+import pytest
 from conftest import compose_cfg
+from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from deeplab_dropout.model import cell_name
 from deeplab_dropout.report import TABLE2_ORDER
-from deeplab_dropout.sweep import drop_repeats, run_identity
+from deeplab_dropout.sweep import JobExited, SweepTask, drop_repeats, failure, failure_report, run_identity
 
 CELLS = [c for c in TABLE2_ORDER if c != "pretrained-base"]
 
@@ -43,3 +46,30 @@ def test_unregularised_runs_repeat_whatever_their_schedule_or_p():
     # Later batches of the same sweep are checked against the earlier ones.
     assert drop_repeats([["cell=none", "seed=2", "schedule=linear"]],
                         identities([["cell=none", "seed=2", "schedule=linear"]]), seen) == []
+
+
+def job_return(status: JobStatus, value, override_dirname: str) -> JobReturn:
+    ret = JobReturn(overrides=override_dirname.split(","), status=status)
+    ret.hydra_cfg = OmegaConf.create({"hydra": {"job": {"override_dirname": override_dirname}}})
+    ret._return_value = value
+    return ret
+
+
+def test_failed_jobs_are_listed_one_line_each():
+    jobs = [job_return(JobStatus.COMPLETED, 0.5, "cell=spp-uout,dropout.p=0.1"),
+            job_return(JobStatus.FAILED, ValueError("Traceback (most recent call last):\n  ...\n"
+                                                    "ValueError: dropout.p=1.5 is invalid"),
+                       "cell=spp-uout,dropout.p=1.5")]
+    failures = [line for line in map(failure, jobs) if line is not None]
+    assert failure_report(failures, len(jobs)).splitlines() == [
+        "failed: 1 of 2 runs:", "  cell=spp-uout,dropout.p=1.5: dropout.p=1.5 is invalid"]
+
+
+def test_a_job_calling_sys_exit_fails_alone():
+    def task(cfg):
+        sys.exit(cfg["code"])
+
+    with pytest.raises(JobExited, match="exited with status 2"):
+        SweepTask(task)({"code": 2})  # outside a multirun: no GPU is claimed
+    with pytest.raises(SystemExit):
+        SweepTask(task)({"code": 0})  # a clean exit stays one

@@ -58,8 +58,9 @@ def get_val_dataset(data_cfg: Any) -> VOCSegmentation:
                            transforms=get_transform(False, data_cfg))
 
 
-def get_datasets(data_cfg: Any) -> tuple[VOCSegmentation, VOCSegmentation, dict]:
-    """(train dataset on the split, whole val dataset, split record) from the `data` config node."""
+def get_datasets(data_cfg: Any, seed: int | None = None) -> tuple[VOCSegmentation, VOCSegmentation, dict]:
+    """(train dataset on the split, whole val dataset, split record) from the `data` config node; with
+    ``seed``, the train augmentation of each sample derives from (seed, epoch, index) (see VOCSegmentation)."""
     from deeplab_dropout.data.transforms import get_transform
 
     root = prepare_root(data_cfg)
@@ -67,7 +68,7 @@ def get_datasets(data_cfg: Any) -> tuple[VOCSegmentation, VOCSegmentation, dict]
                                 method=str(data_cfg.split_method))
     # `authors` repeats ids on purpose: the dataset then yields such an image once per listing.
     train = VOCSegmentation(root, str(data_cfg.train_split), ids=manifest["ids"],
-                            transforms=get_transform(True, data_cfg))
+                            transforms=get_transform(True, data_cfg), seed=seed)
     record = {"manifest": str(path), "sha256": manifest["sha256"], "fraction": manifest["fraction"],
               "seed": manifest["seed"], "method": manifest["method"], "n_images": len(manifest["ids"]),
               "n_unique": manifest["n_unique"], "mean_classes": manifest["mean_classes"],

@@ -1,6 +1,7 @@
 """PASCAL VOC 2012 segmentation reader with one-line, file-naming errors for every data problem."""
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -126,6 +127,12 @@ def download_voc(root: str | os.PathLike) -> Path:
     return voc_dir(root_p)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` in ``epoch`` of a run seeded ``seed`` (64 bits of a hash)."""
+    digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch.manual_seed takes up to 2**63 - 1
+
+
 class VOCSegmentation(torch.utils.data.Dataset):
     """VOC-layout segmentation dataset (real VOC 2012 or the generated one) yielding (image, mask)."""
 
@@ -135,10 +142,15 @@ class VOCSegmentation(torch.utils.data.Dataset):
         split: str = "train",
         ids: Sequence[str] | None = None,
         transforms: Callable[[Image.Image, np.ndarray], Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         self.root = Path(root).expanduser()
         self.split = split
         self.transforms = transforms
+        # With a seed, sample i's random augmentation in epoch e is a function of (seed, e, i) alone:
+        # the same whichever loader worker (or the main process) draws it. The runner sets ``epoch``.
+        self.seed = seed
+        self.epoch = 0
         listed = read_split_ids(self.root, split)
         if ids is None:
             self.ids = listed
@@ -186,9 +198,15 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Any:
         image, mask = self.load(i)
-        if self.transforms is not None:
+        if self.transforms is None:
+            return image, mask
+        if self.seed is None:
             return self.transforms(image, mask)
-        return image, mask
+        # The transforms draw from torch's global RNG: seed it for this sample, then give back its state,
+        # so that in the main process (num_workers=0) the model's dropout draws are untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+            return self.transforms(image, mask)
 
     def __repr__(self) -> str:
         return f"VOCSegmentation(root={str(self.root)!r}, split={self.split!r}, n={len(self.ids)})"

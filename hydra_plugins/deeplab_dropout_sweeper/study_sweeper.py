@@ -1,13 +1,24 @@
 """`hydra/sweeper: study`: Hydra's basic sweeper (the cartesian product of the sweep parameters), each
-distinct run once -- see deeplab_dropout.sweep for the rule."""
+distinct run once, every job on a GPU of its own, and a failed job never stopping the others -- see
+deeplab_dropout.sweep for the rules and deeplab_dropout.gpus for the GPUs."""
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from omegaconf import OmegaConf, open_dict
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from deeplab_dropout.sweep import drop_repeats, run_identity
+from deeplab_dropout.sweep import SweepTask, drop_repeats, failure, failure_report, run_identity
+
+log = logging.getLogger(__name__)
 
 
 class StudySweeper(BasicSweeper):
@@ -16,6 +27,10 @@ class StudySweeper(BasicSweeper):
     def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self._seen: dict[str, str] = {}
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        # Every launcher runs SweepTask: a GPU per job, and sys.exit in a job fails that job only.
+        super().setup(hydra_context=hydra_context, task_function=SweepTask(task_function), config=config)
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
         from deeplab_dropout.model import cell_name  # torch: only once a sweep runs, not at plugin scan
@@ -28,3 +43,38 @@ class StudySweeper(BasicSweeper):
                 del cfg["hydra"]
             identities.append(run_identity(OmegaConf.to_container(cfg, resolve=True), cell_name(cfg)))
         return drop_repeats(batch, identities, self._seen)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        """BasicSweeper.sweep, except that a failed job doesn't stop the sweep: every batch runs, then the
+        failed runs are listed (after the on_multirun_end callbacks, i.e. the report) and the process exits 1."""
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
+        self.overrides = self.split_arguments(overrides, self.max_batch_size)
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        returns: list[Sequence[JobReturn]] = []
+        failures: list[str] = []
+        n_jobs = 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            if not batch:  # every job of it repeats an earlier run
+                continue
+            tic = time.perf_counter()
+            self.validate_batch_is_legal(batch)  # composition errors, before anything runs
+            log.debug("validated configs of %d jobs in %.2f s", len(batch), time.perf_counter() - tic)
+            results = self.launcher.launch(batch, initial_job_idx=n_jobs)
+            failures += [line for line in map(failure, results) if line is not None]
+            n_jobs += len(batch)
+            returns.append(results)
+
+        if failures:
+            # Hydra calls on_multirun_end only when sweep() returns; the report comes before the list.
+            self.hydra_context.callbacks.on_multirun_end(config=self.config,
+                                                         config_name=self.config.hydra.job.config_name)
+            print(failure_report(failures, n_jobs), file=sys.stderr)
+            sys.exit(1)
+        return returns

@@ -1,0 +1,245 @@
+"""Every bad input to `deeplab-dropout-train` ends with one stderr line, ``error: ...``, exit 2, and leaves a
+completed run's files (in another run dir, or in the same one) as they were."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import SMALL, TINY, tiny_cfg
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from PIL import Image
+
+from deeplab_dropout import train as train_mod
+from deeplab_dropout.data.voc import voc_dir
+from deeplab_dropout.entry import record_failure
+from deeplab_dropout.results import write_json
+
+
+def base(root: Path, run_dir: Path) -> list[str]:
+    return [*TINY, "data=synthetic", f"data.root={root}", "data.synth=null", *SMALL, "trainer.epochs=1",
+            f"hydra.run.dir={run_dir}"]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file a run wrote (Hydra rewrites its own .hydra/ and train.log on each call in a run dir)."""
+    return {name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not (name := str(p.relative_to(folder))).startswith(".hydra/")
+            and not name.endswith(".log")}
+
+
+@pytest.fixture(scope="module")
+def completed(voc_root, tmp_path_factory) -> Path:
+    """A completed one-epoch run (keeping last.pt), whose files no bad input may touch."""
+    run_dir = tmp_path_factory.mktemp("completed")
+    train_mod.run(tiny_cfg(voc_root, "trainer.epochs=1", "trainer.keep_last=true"), run_dir)
+    return run_dir
+
+
+def train(*args: str) -> subprocess.CompletedProcess:
+    """`deeplab-dropout-train ARGS` through its real entry point, in this process (a subprocess per case
+    would spend ~4 s importing torch; tests/test_train.py runs the console path as a subprocess)."""
+    err, code = io.StringIO(), 0
+    GlobalHydra.instance().clear()
+    argv = sys.argv
+    sys.argv = ["deeplab-dropout-train", *args]
+    try:
+        with contextlib.redirect_stderr(err):
+            train_mod.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def check(completed: Path, root: Path, run_dir: Path, *overrides: str, expect: tuple[str, ...] = ()) -> None:
+    """Run with ``overrides`` in ``run_dir``: one error line, exit 2, the completed run untouched."""
+    before = snapshot(completed)
+    assert_one_line(train(*base(root, run_dir), *overrides), *expect)
+    assert snapshot(completed) == before
+
+
+@pytest.fixture
+def data_copy(voc_root, tmp_path) -> tuple[Path, Path]:
+    """A copy of the generated dataset to corrupt, and its VOC2012 folder."""
+    root = tmp_path / "data"
+    shutil.copytree(voc_root, root)
+    return root, voc_dir(root)
+
+
+def train_ids(vdir: Path) -> list[str]:
+    return (vdir / "ImageSets/Segmentation/train.txt").read_text().split()
+
+
+def test_missing_data_root(completed, tmp_path):
+    check(completed, tmp_path / "nowhere", tmp_path / "run", expect=("data root not found",))
+
+
+def test_empty_data_root(completed, tmp_path):
+    (tmp_path / "empty").mkdir()
+    check(completed, tmp_path / "empty", tmp_path / "run", expect=("no VOCdevkit/VOC2012",))
+
+
+def test_missing_split_file(completed, data_copy, tmp_path):
+    root, vdir = data_copy
+    (vdir / "ImageSets/Segmentation/train.txt").unlink()
+    check(completed, root, tmp_path / "run", expect=("split file not found",))
+
+
+def test_image_without_mask(completed, data_copy, tmp_path):
+    root, vdir = data_copy
+    for i in train_ids(vdir):
+        (vdir / "SegmentationClass" / f"{i}.png").unlink()
+    check(completed, root, tmp_path / "run", expect=("mask not found",))
+
+
+def test_corrupt_jpeg(completed, data_copy, tmp_path):
+    root, vdir = data_copy
+    for i in train_ids(vdir):
+        path = vdir / "JPEGImages" / f"{i}.jpg"
+        path.write_bytes(path.read_bytes()[:200])
+    check(completed, root, tmp_path / "run", expect=("corrupt or unreadable image",))
+
+
+def test_corrupt_png(completed, data_copy, tmp_path):
+    root, vdir = data_copy
+    for i in train_ids(vdir):
+        (vdir / "SegmentationClass" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    check(completed, root, tmp_path / "run", expect=("corrupt or unreadable mask",))
+
+
+def _rewrite_masks(vdir: Path, change) -> None:
+    for i in train_ids(vdir):
+        path = vdir / "SegmentationClass" / f"{i}.png"
+        with Image.open(path) as im:
+            im.load()
+            changed = change(im)
+        changed.save(path)
+
+
+def test_label_out_of_range(completed, data_copy, tmp_path):
+    root, vdir = data_copy
+    _rewrite_masks(vdir, lambda im: im.point(lambda v: 77 if v == 0 else v))
+    check(completed, root, tmp_path / "run", expect=("mask outside {0..20, 255}", "77"))
+
+
+def test_size_mismatch(completed, data_copy, tmp_path):
+    root, vdir = data_copy
+    _rewrite_masks(vdir, lambda im: im.resize((im.width + 3, im.height), Image.NEAREST))
+    check(completed, root, tmp_path / "run", expect=("mask size differs from its image",))
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("dropout.p=1.5", ("dropout.p=1.5", "[0, 1)")),
+    ("dropout.block_size=0", ("dropout.block_size=0", "integer")),
+    ("cell=nope", ("cell=nope", "upper-uout")),
+    ("dropout=dropblok", ("dropout=dropblok", "channel, dropblock, none, uout")),
+    ("placement=nope", ("placement=nope", "decoder")),
+    ("trainer.foo=1", ("trainer.foo", "+trainer.foo")),
+    ("trainer.device=cuda", ("trainer.device", "CUDA")),
+])
+def test_bad_override(completed, voc_root, tmp_path, override, expect):
+    if override == "trainer.device=cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    check(completed, voc_root, tmp_path / "run", override, expect=expect)
+
+
+@pytest.fixture
+def interrupted(completed, tmp_path) -> Path:
+    """A copy of the completed run as if killed before it finished: the next call resumes from last.pt."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(completed, run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    (run_dir / "results.json").write_text(json.dumps({**results, "status": "running"}))
+    return run_dir
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_bad_checkpoint_in_the_run_dir(completed, interrupted, voc_root, damage):
+    last = interrupted / "checkpoints/last.pt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    else:
+        torch.save({"x": 1}, last)
+    before = snapshot(interrupted)
+    check(completed, voc_root, interrupted, expect=("last.pt",))
+    assert snapshot(interrupted) == before  # results.json, best.pt and tb of the earlier run included
+
+
+def test_unwritable_output_dir(completed, voc_root, tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere: use a path below a regular file instead
+        (tmp_path / "file").write_text("")
+        run_dir = tmp_path / "file" / "sub"
+    else:
+        parent = tmp_path / "locked"
+        parent.mkdir(mode=0o500)
+        run_dir = parent / "sub"
+    try:
+        check(completed, voc_root, run_dir, expect=(str(run_dir),))
+    finally:
+        if os.geteuid() != 0:
+            (tmp_path / "locked").chmod(0o700)
+
+
+def _as_multirun_job(monkeypatch, run_dir: Path) -> None:
+    hydra_cfg = SimpleNamespace(mode=RunMode.MULTIRUN, runtime=SimpleNamespace(output_dir=str(run_dir)))
+    monkeypatch.setattr(train_mod.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+
+
+def test_a_multirun_job_records_its_bad_input_and_raises(voc_root, tmp_path, monkeypatch, capsys):
+    cfg = tiny_cfg(tmp_path / "nowhere", "cell=spp-uout")
+    _as_multirun_job(monkeypatch, tmp_path / "job")
+    with pytest.raises(train_mod.InputError):  # Hydra marks the job FAILED; the sweep goes on
+        train_mod.exit_on_input_error(train_mod.run, cfg)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: data root not found") and "\n" not in line
+    results = json.loads((tmp_path / "job/results.json").read_text())
+    assert results["status"] == "failed" and results["error"] == line.removeprefix("error: ")
+    assert results["cell"] == "spp-uout" and results["config"]["data"]["root"] == str(tmp_path / "nowhere")
+
+
+def test_a_multirun_job_never_overwrites_a_completed_run(completed, tmp_path, monkeypatch, capsys):
+    before = snapshot(completed)
+    _as_multirun_job(monkeypatch, completed)
+    with pytest.raises(train_mod.InputError):
+        train_mod.exit_on_input_error(train_mod.run, tiny_cfg(tmp_path / "nowhere", "trainer.resume=never"))
+    assert capsys.readouterr().err.startswith("error: ")
+    assert snapshot(completed) == before
+
+
+def test_record_failure_makes_an_earlier_error_one_line(tmp_path):
+    path = tmp_path / "results.json"
+    cfg = tiny_cfg(tmp_path)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    write_json(path, {"status": "failed", "cell": "none", "config": config,
+                      "error": "DatasetError: a\nlong\ntraceback"})
+    record_failure(path, cfg, "corrupt or unreadable image: x.jpg")
+    data = json.loads(path.read_text())
+    assert data["status"] == "failed" and data["error"] == "corrupt or unreadable image: x.jpg"
+    # Another config's run (the one a refusal protects) is left as it was.
+    other = tmp_path / "other.json"
+    write_json(other, {"status": "running", "cell": "none", "config": {**config, "seed": 7}})
+    before = other.read_bytes()
+    record_failure(other, cfg, "trained with a different config")
+    assert other.read_bytes() == before

@@ -1,0 +1,158 @@
+"""Sweeps through Hydra's launcher plugins (extra `cluster`), one GPU per local job, and failure isolation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import CONF_DIR
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from deeplab_dropout.gpus import claim_device, gpu_for_job, try_claim
+
+
+def test_gpu_pool_never_gives_one_device_to_two_jobs(tmp_path):
+    holders = {0: 0, 1: 0}
+    counted = threading.Lock()
+    errors: list[str] = []
+    claimed: list[int] = []
+
+    def job() -> None:
+        with claim_device(tmp_path, n_devices=2, poll_s=0.001) as index:
+            with counted:
+                holders[index] += 1
+                claimed.append(index)
+                if holders[index] > 1:
+                    errors.append(f"two holders of GPU {index}")
+            with counted:
+                holders[index] -= 1
+
+    threads = [threading.Thread(target=job) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors and len(claimed) == 8 and set(claimed) <= {0, 1}
+
+
+def test_gpu_pool_waiter_gets_the_released_device(tmp_path):
+    held, release, waiting, got = threading.Event(), threading.Event(), threading.Event(), []
+
+    def hold(index_out: list[int]) -> None:
+        with claim_device(tmp_path, 2) as index:
+            index_out.append(index)
+            held.set()
+            release.wait(timeout=30)
+
+    first: list[int] = []
+    holder = threading.Thread(target=hold, args=(first,))
+    holder.start()
+    with claim_device(tmp_path, 2) as second:
+        assert held.wait(timeout=30)
+        assert {first[0], second} == {0, 1} and try_claim(tmp_path, 2) is None  # the pool is full
+
+        def wait_for_one() -> None:
+            with claim_device(tmp_path, 2, poll_s=0.001, on_wait=waiting.set) as index:
+                got.append(index)
+
+        waiter = threading.Thread(target=wait_for_one)
+        waiter.start()
+        assert waiting.wait(timeout=30) and not got  # it waits while both are held
+        release.set()
+        holder.join(timeout=30)
+        waiter.join(timeout=30)
+    assert got == first
+
+
+def test_gpu_for_job_is_a_no_op_without_several_gpus_or_outside_a_multirun(tmp_path):
+    with gpu_for_job(tmp_path, n_devices=1) as index:
+        assert index is None
+    with gpu_for_job(None, n_devices=4) as index:
+        assert index is None
+    with gpu_for_job(tmp_path, n_devices=2) as index:  # a sweep dir: jobs of a multirun share its locks
+        assert index in (0, 1) and (tmp_path / ".gpu_locks").is_dir()
+
+
+def test_slurm_preset_composes_with_its_documented_keys():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=4",
+            "hydra.launcher.mem_gb=16", "hydra.launcher.timeout_min=60"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_task, launcher.cpus_per_task, launcher.mem_gb,
+            launcher.timeout_min) == ("gpu", 1, 4, 16, 60)
+    assert launcher.max_num_timeout > 0  # requeued after a timeout; the run resumes from last.pt
+    assert cfg.hydra.sweeper._target_.endswith("StudySweeper")
+
+
+def tiny_preset(tmp_path: Path, voc_root: Path) -> list[str]:
+    """A 1-step experiment preset (as a user would write one), so run dirs are named by the swept keys."""
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "tiny.yaml").write_text(f"""# @package _global_
+defaults:
+  - override /model: deeplabv3plus_resnet18
+  - override /data: synthetic
+  - override /trainer: smoke
+model: {{pretrained: none}}
+data: {{root: {voc_root}, synth: null, base_size: 40, crop_size: 33}}
+trainer: {{epochs: 1, batch_size: 2, max_train_steps: 1, max_val_images: 2}}
+""")
+    return ["experiment=tiny", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+
+
+def sweep(tmp_path: Path, voc_root: Path, *args: str) -> subprocess.CompletedProcess:
+    # One thread per job: several jobs share the 2 cores.
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "deeplab_dropout.train", "-m", *tiny_preset(tmp_path, voc_root),
+                           *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def statuses(sweep_dir: Path) -> dict[str, str]:
+    return {p.parent.name: json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/results.json")}
+
+
+def test_submitit_local_sweep_of_4_cells(voc_root, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cells = ["none", "spp-uout", "spp-dropblock", "upper-chandrop"]
+    proc = sweep(tmp_path, voc_root, "hydra/launcher=submitit_local", f"cell={','.join(cells)}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert statuses(tmp_path / "sweep") == {f"cell={c}": "completed" for c in cells}
+    assert "| spp-uout | 1 |" in proc.stdout  # the report ran at the end
+
+
+def test_joblib_sweep_of_2_jobs_at_once(voc_root, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = sweep(tmp_path, voc_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "cell=none,spp-uout")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    assert statuses(tmp_path / "sweep") == {"cell=none": "completed", "cell=spp-uout": "completed"}
+
+
+def test_ray_sweep_of_2_cells_on_this_machine(voc_root, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    proc = sweep(tmp_path, voc_root, "hydra/launcher=ray", "cell=none,spp-uout")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert statuses(tmp_path / "sweep") == {"cell=none": "completed", "cell=spp-uout": "completed"}
+
+
+def test_a_failed_run_does_not_stop_the_sweep(voc_root, tmp_path):
+    proc = sweep(tmp_path, voc_root, "cell=spp-uout", "dropout.p=0.1,1.5,0.2")
+    assert proc.returncode != 0
+    runs = statuses(tmp_path / "sweep")
+    assert runs.pop("cell=spp-uout,dropout.p=1.5", "failed") == "failed"
+    assert runs == {"cell=spp-uout,dropout.p=0.1": "completed", "cell=spp-uout,dropout.p=0.2": "completed"}
+    lines = proc.stderr.splitlines()
+    at = lines.index("failed: 1 of 3 runs:")
+    name, reason = lines[at + 1].strip().split(": ", 1)
+    assert name == "cell=spp-uout,dropout.p=1.5" and "dropout.p" in reason and "\n" not in reason
+    assert sum(line.startswith("  cell=") for line in lines[at + 1:]) == 1  # one line per failed run

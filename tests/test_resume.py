@@ -1,0 +1,189 @@
+"""Kill-safety and re-launching: a run SIGKILLed anywhere resumes to the uninterrupted numbers; completed runs
+are skipped untouched, failed ones retried, trainer.rerun moves the old run aside; last.pt, permissions, NaN."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL, TINY, tiny_cfg
+
+from deeplab_dropout import results as results_mod
+from deeplab_dropout import train as train_mod
+from deeplab_dropout.results import BEST, KILL_AT_ENV, LAST, load_checkpoint
+
+# Three short epochs (4 of the 7 steps each) with DropBlock everywhere, so dropout draws matter too.
+RUN = ("cell=all-dropblock", "trainer.epochs=3", "trainer.max_train_steps=4", "trainer.max_val_images=2",
+       "trainer.keep_last=true")
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def metrics_only(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
+
+@pytest.fixture(scope="module")
+def straight(voc_root, tmp_path_factory) -> Path:
+    """The uninterrupted run every killed-and-resumed one must match."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    train_mod.run(tiny_cfg(voc_root, *RUN), run_dir)
+    return run_dir
+
+
+def run_cli(voc_root: Path, run_dir: Path, *overrides: str, kill_at: str | None = None):
+    env = {k: v for k, v in os.environ.items() if k != KILL_AT_ENV}
+    env["HYDRA_FULL_ERROR"] = "0"
+    if kill_at is not None:
+        env[KILL_AT_ENV] = kill_at
+    args = [*TINY, "data=synthetic", f"data.root={voc_root}", "data.synth=null", *SMALL, *RUN, *overrides,
+            f"hydra.run.dir={run_dir}"]
+    return subprocess.run([sys.executable, "-m", "deeplab_dropout.train", *args], cwd=run_dir.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(("kill_at", "workers", "resume_workers"), [
+    ("step:10", 0, 2),  # mid-epoch 2 (7 steps an epoch, 4 of them run); resumed with other workers
+    ("eval:2", 0, 0),   # as epoch 2's evaluation starts
+    ("ckpt:2", 2, 0),   # epoch 2's last.pt written to its temp file, not yet renamed
+])
+def test_sigkill_then_same_command_resumes_to_the_same_numbers(voc_root, tmp_path, straight, kill_at, workers,
+                                                                resume_workers):
+    run_dir = tmp_path / "run"
+    killed = run_cli(voc_root, run_dir, f"trainer.num_workers={workers}", kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    cut = read_results(run_dir)
+    assert cut["status"] == "running" and load_checkpoint(run_dir / LAST)["epoch"] == 1
+    if kill_at.startswith("ckpt"):  # the torn write is a temp file beside a good last.pt
+        assert list((run_dir / "checkpoints").glob(".last.pt.*.tmp"))
+
+    again = run_cli(voc_root, run_dir, f"trainer.num_workers={resume_workers}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    res, ref = read_results(run_dir), read_results(straight)
+    assert res["status"] == "completed" and metrics_only(res["history"]) == metrics_only(ref["history"])
+    a, b = (load_checkpoint(d / LAST)["model"] for d in (straight, run_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    best = load_checkpoint(run_dir / BEST)
+    assert best["epoch"] == res["best_epoch"] and best["metrics"] == res["best"]
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_kill_between_last_and_best_writes_repairs_best_on_resume(voc_root, tmp_path, monkeypatch):
+    real_save_best, real_set_up = results_mod.save_best, train_mod.set_up
+
+    def cut_at_epoch_2(run_dir, results, model_state):
+        if results.history[-1]["epoch"] == 2:
+            raise SystemExit("killed")  # stands in for SIGKILL: epoch 2's last.pt is written, best.pt is not
+        real_save_best(run_dir, results, model_state)
+
+    def set_up_only(cfg, run_dir):
+        real_set_up(cfg, run_dir)
+        raise _Stop
+
+    # Evaluated at epochs 2 and 3 only, so epoch 2 is the first best and its best.pt is the write cut off.
+    cfg = tiny_cfg(voc_root, *RUN, "trainer.eval_every=2")
+    monkeypatch.setattr(results_mod, "save_best", cut_at_epoch_2)
+    with pytest.raises(SystemExit):
+        train_mod.run(cfg, tmp_path)
+    assert load_checkpoint(tmp_path / LAST)["epoch"] == 2 and not (tmp_path / BEST).exists()
+    monkeypatch.setattr(results_mod, "save_best", real_save_best)
+    monkeypatch.setattr(train_mod, "set_up", set_up_only)
+    with pytest.raises(_Stop):  # resuming (set_up) repairs best.pt before any training
+        train_mod.run(cfg, tmp_path)
+    best = load_checkpoint(tmp_path / BEST)
+    assert best["epoch"] == 2 and "optimizer" not in best
+    last = load_checkpoint(tmp_path / LAST)["model"]
+    assert all(torch.equal(best["model"][k], last[k]) for k in last)
+
+
+class _Stop(Exception):
+    pass
+
+
+def mtimes(run_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_completed_run_is_skipped_untouched_and_rerun_moves_it_aside(voc_root, tmp_path, caplog):
+    cfg = tiny_cfg(voc_root, "trainer.epochs=1", "trainer.max_train_steps=2", "trainer.max_val_images=2")
+    run_dir = tmp_path / "run"
+    first = train_mod.run(cfg, run_dir)
+    assert not (run_dir / LAST).exists() and (run_dir / BEST).exists()  # trainer.keep_last=false
+    before = mtimes(run_dir)
+    with caplog.at_level(logging.INFO, logger="deeplab_dropout"):
+        assert train_mod.run(cfg, run_dir) == first
+    assert f"skipping {run_dir}: already completed" in caplog.messages
+    assert mtimes(run_dir) == before
+
+    rerun = tiny_cfg(voc_root, "trainer.epochs=1", "trainer.max_train_steps=2", "trainer.max_val_images=2",
+                     "trainer.rerun=true")
+    assert train_mod.run(rerun, run_dir) == first
+    aside = list(tmp_path.glob("run.old-*"))
+    assert len(aside) == 1 and mtimes(aside[0]) == before
+    assert read_results(run_dir)["status"] == "completed"
+    # The run it left is complete whatever trainer.rerun says (it only says what to do with the run dir).
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deeplab_dropout"):
+        train_mod.run(cfg, run_dir)
+    assert f"skipping {run_dir}: already completed" in caplog.messages
+
+
+def test_failed_run_without_checkpoint_is_retried_from_scratch(voc_root, tmp_path, monkeypatch):
+    cfg = tiny_cfg(voc_root, "trainer.epochs=1", "trainer.max_train_steps=2", "trainer.max_val_images=2")
+    real = train_mod.train_one_epoch
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", broken)
+    with pytest.raises(RuntimeError):
+        train_mod.run(cfg, tmp_path)
+    assert read_results(tmp_path)["status"] == "failed" and not (tmp_path / LAST).exists()
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    train_mod.run(cfg, tmp_path)
+    res = read_results(tmp_path)
+    assert res["status"] == "completed" and len(res["history"]) == 1
+
+
+def test_files_follow_the_umask(voc_root, tmp_path, monkeypatch):
+    old = os.umask(0o022)
+    results_mod._umask.cache_clear()
+    try:
+        train_mod.run(tiny_cfg(voc_root, "trainer.epochs=1", "trainer.max_train_steps=1",
+                               "trainer.max_val_images=1"), tmp_path)
+    finally:
+        os.umask(old)
+        results_mod._umask.cache_clear()
+    for path in (tmp_path / "results.json", tmp_path / BEST):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(voc_root, tmp_path, monkeypatch):
+    real = train_mod.forward
+    calls = []
+
+    def nan_at_step_7(model, images, targets, runtime, ignore_index):
+        logits, targets, loss_sum, n_px = real(model, images, targets, runtime, ignore_index)
+        if model.training:
+            calls.append(1)
+            if len(calls) == 7:  # epoch 2's third step (4 steps run of the 7 an epoch has)
+                loss_sum = loss_sum * float("nan")
+        return logits, targets, loss_sum, n_px
+
+    monkeypatch.setattr(train_mod, "forward", nan_at_step_7)
+    with pytest.raises(FloatingPointError):
+        train_mod.run(tiny_cfg(voc_root, *RUN), tmp_path)
+    assert len(calls) == 7  # stopped at that step
+    res = read_results(tmp_path)
+    assert res["status"] == "failed" and len(res["history"]) == 1
+    assert res["error"] == ("FloatingPointError: training loss is nan at epoch 2, iteration 10 "
+                            "(the last good checkpoint is checkpoints/last.pt, epoch 1)")
+    assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
