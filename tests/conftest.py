@@ -49,3 +49,20 @@ def voc_root(tmp_path_factory) -> Path:
 def tiny_cfg(voc_root: Path, *overrides: str) -> DictConfig:
     """The train config shrunk to seconds on CPU, on the dataset at ``voc_root``."""
     return compose_cfg([*TINY, "data=synthetic", f"data.root={voc_root}", "data.synth=null", *SMALL, *overrides])
+
+
+def tiny_preset(tmp_path: Path, voc_root: Path) -> list[str]:
+    """A 1-step experiment preset (as a user would write one), so run dirs are named by the swept keys."""
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "tiny.yaml").write_text(f"""# @package _global_
+defaults:
+  - override /model: deeplabv3plus_resnet18
+  - override /data: synthetic
+  - override /trainer: smoke
+model: {{pretrained: none}}
+data: {{root: {voc_root}, synth: null, base_size: 40, crop_size: 33}}
+trainer: {{epochs: 1, batch_size: 2, max_train_steps: 1, max_val_images: 2}}
+""")
+    return ["experiment=tiny", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR
+from conftest import CONF_DIR, tiny_preset
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -93,23 +93,6 @@ def test_slurm_preset_composes_with_its_documented_keys():
     assert cfg.hydra.sweeper._target_.endswith("StudySweeper")
 
 
-def tiny_preset(tmp_path: Path, voc_root: Path) -> list[str]:
-    """A 1-step experiment preset (as a user would write one), so run dirs are named by the swept keys."""
-    conf = tmp_path / "conf" / "experiment"
-    conf.mkdir(parents=True)
-    (conf / "tiny.yaml").write_text(f"""# @package _global_
-defaults:
-  - override /model: deeplabv3plus_resnet18
-  - override /data: synthetic
-  - override /trainer: smoke
-model: {{pretrained: none}}
-data: {{root: {voc_root}, synth: null, base_size: 40, crop_size: 33}}
-trainer: {{epochs: 1, batch_size: 2, max_train_steps: 1, max_val_images: 2}}
-""")
-    return ["experiment=tiny", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-
-
 def sweep(tmp_path: Path, voc_root: Path, *args: str) -> subprocess.CompletedProcess:
     # One thread per job: several jobs share the 2 cores.
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
@@ -145,14 +128,31 @@ def test_ray_sweep_of_2_cells_on_this_machine(voc_root, tmp_path):
     assert statuses(tmp_path / "sweep") == {"cell=none": "completed", "cell=spp-uout": "completed"}
 
 
-def test_a_failed_run_does_not_stop_the_sweep(voc_root, tmp_path):
-    proc = sweep(tmp_path, voc_root, "cell=spp-uout", "dropout.p=0.1,1.5,0.2")
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_failed_run_does_not_stop_the_sweep_and_a_relaunch_trains_nothing_done(voc_root, tmp_path, launcher):
+    if launcher == "joblib":
+        pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    args = ("cell=spp-uout", "dropout.p=0.1,1.5,0.2", f"hydra/launcher={launcher}")
+    proc = sweep(tmp_path, voc_root, *args)
     assert proc.returncode != 0
+    bad = tmp_path / "sweep" / "cell=spp-uout,dropout.p=1.5" / "results.json"
+    failed = json.loads(bad.read_text())
+    assert failed["status"] == "failed" and "dropout.p=1.5" in failed["error"] and "\n" not in failed["error"]
     runs = statuses(tmp_path / "sweep")
-    assert runs.pop("cell=spp-uout,dropout.p=1.5", "failed") == "failed"
-    assert runs == {"cell=spp-uout,dropout.p=0.1": "completed", "cell=spp-uout,dropout.p=0.2": "completed"}
+    assert runs == {"cell=spp-uout,dropout.p=0.1": "completed", "cell=spp-uout,dropout.p=0.2": "completed",
+                    "cell=spp-uout,dropout.p=1.5": "failed"}
     lines = proc.stderr.splitlines()
     at = lines.index("failed: 1 of 3 runs:")
     name, reason = lines[at + 1].strip().split(": ", 1)
-    assert name == "cell=spp-uout,dropout.p=1.5" and "dropout.p" in reason and "\n" not in reason
+    assert name == "cell=spp-uout,dropout.p=1.5" and "[0, 1)" in reason
     assert sum(line.startswith("  cell=") for line in lines[at + 1:]) == 1  # one line per failed run
+
+    # The same command again: the completed runs are skipped untouched, the failed one is retried (and fails).
+    done = {p: p.stat().st_mtime_ns for d in ("dropout.p=0.1", "dropout.p=0.2")
+            for p in (tmp_path / "sweep" / f"cell=spp-uout,{d}").rglob("*")
+            if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+    again = sweep(tmp_path, voc_root, *args)
+    assert again.returncode != 0 and "failed: 1 of 3 runs:" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep").glob("*/*.log")) + again.stdout + again.stderr
+    assert logs.count("already completed") >= 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, TINY, compose_cfg, tiny_cfg
+from conftest import SMALL, TINY, compose_cfg, tiny_cfg, tiny_preset
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -174,20 +174,8 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_multirun_16_cells_by_2_schedules_trains_31_runs(voc_root, tmp_path):
     # The shrinking goes in an experiment preset (as a user would), so the sweep directories are named
     # by the swept overrides only.
-    conf = tmp_path / "conf" / "experiment"
-    conf.mkdir(parents=True)
-    (conf / "tiny_matrix.yaml").write_text(f"""# @package _global_
-defaults:
-  - override /model: deeplabv3plus_resnet18
-  - override /data: synthetic
-  - override /trainer: smoke
-model: {{pretrained: none}}
-data: {{root: {voc_root}, synth: null, base_size: 40, crop_size: 33}}
-trainer: {{epochs: 1, batch_size: 2, max_train_steps: 1, max_val_images: 2}}
-""")
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "cell=glob(*)", "schedule=constant,linear", "experiment=tiny_matrix",
-                   f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = run_cli("-m", "cell=glob(*)", "schedule=constant,linear", *tiny_preset(tmp_path, voc_root), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted(sweep.glob("*/results.json"))
     # `none` has no regulariser, so its ramp changes nothing: it is trained once (31 runs, not 32).
