@@ -93,6 +93,17 @@ def test_slurm_preset_composes_with_its_documented_keys():
     assert cfg.hydra.sweeper._target_.endswith("StudySweeper")
 
 
+def test_ray_gpu_preset_reserves_one_gpu_per_job():
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["hydra/launcher=ray_gpu", "hydra.launcher.ray.init.address=auto"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("RayLauncher")
+    assert launcher.ray.remote.num_gpus == 1 and launcher.ray.init.address == "auto"
+
+
 def sweep(tmp_path: Path, voc_root: Path, *args: str) -> subprocess.CompletedProcess:
     # One thread per job: several jobs share the 2 cores.
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
