@@ -83,6 +83,17 @@ def _or_none(compute: Callable[[], object]) -> object:
         return None
 
 
+def _same_run(data: dict, cfg: DictConfig) -> bool:
+    """Whether results.json ``data`` is of this config's run (as resuming decides it)."""
+    from deeplab_dropout.results import check_resumable
+
+    try:
+        check_resumable(data.get("config") or {}, OmegaConf.to_container(cfg, resolve=True), Path())
+    except (ValueError, OmegaConfBaseException):  # another config (ConfigError), or one that does not resolve
+        return False
+    return True
+
+
 def record_failure(path: Path, cfg: DictConfig, message: str) -> None:
     """Mark results.json at ``path`` failed with ``message``, writing a minimal one if set-up failed before
     there was one. A completed run's results.json is never touched."""
@@ -93,8 +104,7 @@ def record_failure(path: Path, cfg: DictConfig, message: str) -> None:
     if path.exists():
         data = _or_none(lambda: json.loads(path.read_text()))
         # Never a completed run's, nor another config's (the refusal that brought us here protects it).
-        if not isinstance(data, dict) or data.get("status") == "completed" or data.get("config") != _or_none(
-                lambda: OmegaConf.to_container(cfg, resolve=True)):
+        if not isinstance(data, dict) or data.get("status") == "completed" or not _same_run(data, cfg):
             return
     else:
         config = _or_none(lambda: OmegaConf.to_container(cfg, resolve=True)) or _or_none(

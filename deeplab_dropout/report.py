@@ -19,7 +19,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from deeplab_dropout.results import BEST, RESUME_FREE_KEYS, write_json
+from deeplab_dropout.results import BEST, RESUME_FREE_KEYS, flatten, write_json
 
 TABLE2_ORDER = ["pretrained-base", "none"] + [
     f"{where}-{kind}" for kind in ("chandrop", "dropblock", "uout")
@@ -41,18 +41,6 @@ PER_IMAGE = ("mean", "std", "min", "median", "max")
 MARK = "†"
 FOOTNOTE = f"{MARK} the same run(s) in every table: without a regulariser the schedule changes nothing"
 ABSENT = "(unset)"
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and empty dicts stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _under(key: str, prefixes: Iterable[str]) -> bool:

@@ -256,7 +256,7 @@ def move_aside(run_dir: Path) -> Path | None:
 def check_resumable(saved: dict, config: dict, checkpoint: Path) -> None:
     """Refuse to continue a checkpoint made with another config (it would not be the same run); only the
     RESUME_FREE_KEYS may differ. ``saved`` and ``config`` are resolved configs as plain dicts."""
-    old, new = _flatten(saved), _flatten(config)
+    old, new = flatten(saved), flatten(config)
     for key in RESUME_FREE_KEYS:
         old.pop(key, None)
         new.pop(key, None)
@@ -269,11 +269,12 @@ def check_resumable(saved: dict, config: dict, checkpoint: Path) -> None:
                           "use another hydra.run.dir (hydra.sweep.dir for -m) or delete that folder")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
+def flatten(config: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and empty dicts stay values."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{k}"] = v
-    return out
+            flat[f"{prefix}{key}"] = value
+    return flat

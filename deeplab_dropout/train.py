@@ -212,7 +212,7 @@ def set_up(cfg: DictConfig, run_dir: Path) -> RunState:
         raise InputError(one_line(e)) from e
     progress = sys.stderr.isatty() if cfg.trainer.progress == "auto" else bool(cfg.trainer.progress)
     config = OmegaConf.to_container(cfg, resolve=True)
-    results = RunResults(run_dir / "results.json", cell=cell_name(cfg), config=config, split=split,
+    results = RunResults(run_dir / RESULTS, cell=cell_name(cfg), config=config, split=split,
                          monitor=cfg.trainer.monitor)
     state = RunState(cfg, run_dir, runtime, progress, train_ds, val_ds, train_loader, val_loader, model,
                      optimizer, scaler, results, tb_indices)
@@ -288,8 +288,9 @@ def train_one_epoch(state: RunState, epoch: int) -> dict:
     cfg, optimizer, loader = state.cfg, state.optimizer, state.train_loader
     # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly. The
     # augmentation of each sample derives from (seed, epoch, index), whichever worker loads it.
-    seed_everything(cfg.seed * 1_000_003 + epoch)
-    loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
+    epoch_seed = cfg.seed * 1_000_003 + epoch
+    seed_everything(epoch_seed)
+    loader.generator.manual_seed(epoch_seed)
     state.train_ds.epoch = epoch  # before the loader's workers start (each epoch, with copies of it)
     state.model.train()
     steps = len(loader) if cfg.trainer.max_train_steps is None else min(len(loader), cfg.trainer.max_train_steps)
@@ -449,7 +450,7 @@ def exit_on_input_error(job, cfg: DictConfig):
         print(f"error: {message}", file=sys.stderr)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             sys.exit(EXIT_INPUT)
-        record_failure(run_dir / "results.json", cfg, message)
+        record_failure(run_dir / RESULTS, cfg, message)
         raise
 
 
