@@ -4,7 +4,7 @@ training runs' metrics code.
 
 A run directory means its checkpoints/best.pt. The path comes first and is taken out of the command line
 before Hydra parses it, so sweep folders (``cell=none,schedule=constant``) need no escaping.
-Writes a one-epoch results.json in its own Hydra run directory.
+Writes a one-epoch results.json and its per_image.npz in its own Hydra run directory.
 """
 from __future__ import annotations
 
@@ -23,7 +23,14 @@ from deeplab_dropout.config import ConfigError, one_line, validate
 from deeplab_dropout.data import get_val_dataset
 from deeplab_dropout.entry import run_app
 from deeplab_dropout.model import build_model, cell_name
-from deeplab_dropout.results import BEST, CONF_DIR, RunResults, load_run_checkpoint
+from deeplab_dropout.results import (
+    BEST,
+    CONF_DIR,
+    PER_IMAGE,
+    RunResults,
+    load_run_checkpoint,
+    write_per_image,
+)
 from deeplab_dropout.train import (
     INPUT_ERRORS,
     VAL_KEYS,
@@ -88,7 +95,8 @@ def load_eval_model(cfg: DictConfig, saved: dict | None, runtime: Runtime) -> to
 
 
 def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """Evaluate as configured; returns the history entry written to ``run_dir/results.json``."""
+    """Evaluate as configured; returns the history entry written to ``run_dir/results.json`` (and writes the
+    per-image counts to ``run_dir/per_image.npz``)."""
     try:
         cfg, saved = eval_config(cfg, list(overrides or []))
         validate(cfg)
@@ -111,6 +119,8 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None)
         ev = evaluate(model, loader, cfg, runtime, progress=sys.stderr.isatty())
         entry = {"epoch": 1, "train_loss": None, **{k: ev[k] for k in VAL_KEYS}, "lr": None, "drop_p": None,
                  "seconds": time.perf_counter() - t0}
+        counts = ev["image_counts"]
+        write_per_image(run_dir / PER_IMAGE, loader.dataset.ids[:counts.shape[0]], counts.numpy(), 1)
         results.add_epoch(entry)
     except BaseException as e:
         results.finish("failed", error=f"{type(e).__name__}: {e}")

@@ -1,4 +1,5 @@
-"""Segmentation metrics: a dataset-level confusion matrix plus per-image mIoU, computed on the tensors' device.
+"""Segmentation metrics: a dataset-level confusion matrix plus each image's per-class intersection and union
+counts (from which the dataset and per-image mIoU both follow), computed on the tensors' device.
 
 mIoU (dataset and per image) averages IoU over the classes present in the ground truth or the prediction,
 so a class absent from both does not count as 0 or 1. Pixels labelled ``ignore_index`` are left out.
@@ -18,6 +19,21 @@ def iou_from_confusion(conf: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
 
 
+def iou_from_counts(intersection: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU from (..., K) intersection and union pixel counts; NaN where the union is empty."""
+    intersection, union = torch.as_tensor(intersection).double(), torch.as_tensor(union).double()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.full_like(union, math.nan))
+
+
+def miou_from_counts(intersection: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """mIoU over the last axis of (..., K) counts, classes with an empty union left out (NaN if all are).
+
+    Summing per-image counts over images first gives the dataset mIoU; this is how ``compute`` gets it, so a
+    recount from saved per-image counts is exactly equal.
+    """
+    return torch.nanmean(iou_from_counts(intersection, union), dim=-1)
+
+
 class SegmentationMetrics:
     """Accumulates ``update(pred, target)`` over (N, H, W) label maps; ``compute()`` returns a plain dict."""
 
@@ -29,7 +45,7 @@ class SegmentationMetrics:
     def reset(self) -> None:
         """Forget everything seen so far."""
         self.confusion: torch.Tensor | None = None
-        self._image_miou: list[torch.Tensor] = []
+        self._image_counts: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -53,39 +69,52 @@ class SegmentationMetrics:
         per_image = torch.bincount(bins, minlength=n * k * k).reshape(n, k, k)
         batch = per_image.sum(0)
         self.confusion = batch if self.confusion is None else self.confusion + batch
-        self._image_miou.append(torch.nanmean(iou_from_confusion(per_image), dim=-1).cpu())
+        tp = per_image.diagonal(dim1=-2, dim2=-1)
+        union = per_image.sum(-1) + per_image.sum(-2) - tp
+        self._image_counts.append(torch.stack([tp, union], dim=-1).cpu())
+
+    @property
+    def image_counts(self) -> torch.Tensor:
+        """int64 (N, K, 2), the images in update order: [..., 0] intersection, [..., 1] union pixels."""
+        if not self._image_counts:
+            return torch.zeros(0, self.num_classes, 2, dtype=torch.long)
+        return torch.cat(self._image_counts)
 
     @property
     def image_miou(self) -> torch.Tensor:
         """mIoU of every image seen, in update order (NaN for an image with only ignored pixels)."""
-        if not self._image_miou:
-            return torch.empty(0, dtype=torch.float64)
-        return torch.cat(self._image_miou)
+        counts = self.image_counts
+        return miou_from_counts(counts[..., 0], counts[..., 1])
 
     def compute(self) -> dict:
         """``miou``, ``pixel_acc``, ``class_iou`` (None for classes absent from truth and prediction) and
         ``per_image_miou`` {mean, std (population), min, median, max} over images with valid pixels."""
         k = self.num_classes
         conf = self.confusion if self.confusion is not None else torch.zeros(k, k, dtype=torch.long)
-        iou = iou_from_confusion(conf)
+        # Through the per-image counts and the same functions a reader of per_image.npz uses, so that a
+        # recount from that file gives these numbers bit for bit.
+        counts = self.image_counts.sum(0)
+        iou = iou_from_counts(counts[..., 0], counts[..., 1])
         total = conf.sum().item()
         per_image = self.image_miou
-        per_image = per_image[~per_image.isnan()]
-        if per_image.numel():
-            stats = {
-                "mean": per_image.mean().item(),
-                "std": per_image.std(correction=0).item(),
-                "min": per_image.min().item(),
-                # The average of the two middle values, like numpy (torch.median returns the lower one).
-                "median": per_image.quantile(0.5).item(),
-                "max": per_image.max().item(),
-            }
-        else:
-            stats = dict.fromkeys(("mean", "std", "min", "median", "max"), math.nan)
         return {
-            "miou": torch.nanmean(iou).item(),
+            "miou": miou_from_counts(counts[..., 0], counts[..., 1]).item(),
             "pixel_acc": conf.diagonal().sum().item() / total if total else math.nan,
             "class_iou": [None if math.isnan(v) else v for v in iou.tolist()],
-            "per_image_miou": stats,
+            "per_image_miou": image_stats(per_image),
         }
 
+
+def image_stats(image_miou: torch.Tensor) -> dict[str, float]:
+    """{mean, std (population), min, median, max} of per-image mIoUs, NaN (no class present) left out."""
+    values = image_miou[~image_miou.isnan()]
+    if not values.numel():
+        return dict.fromkeys(("mean", "std", "min", "median", "max"), math.nan)
+    return {
+        "mean": values.mean().item(),
+        "std": values.std(correction=0).item(),
+        "min": values.min().item(),
+        # The average of the two middle values, like numpy (torch.median returns the lower one).
+        "median": values.quantile(0.5).item(),
+        "max": values.max().item(),
+    }

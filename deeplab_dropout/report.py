@@ -8,10 +8,11 @@ experiment; two runs of one experiment with the same seed count once. A run with
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import shlex
-import statistics
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,7 +20,11 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from deeplab_dropout.results import BEST, RESUME_FREE_KEYS, flatten, write_json
+from deeplab_dropout.compare import BASELINE, CONSTANT, Records, ramp_better, strip_groups, vs_none
+from deeplab_dropout.config import one_line
+from deeplab_dropout.figures import SHEET_TYPES, draw_figures
+from deeplab_dropout.results import BEST, RESUME_FREE_KEYS, atomic_write, flatten, write_json
+from deeplab_dropout.stats import mean_ci
 
 TABLE2_ORDER = ["pretrained-base", "none"] + [
     f"{where}-{kind}" for kind in ("chandrop", "dropblock", "uout")
@@ -30,15 +35,12 @@ REGULARISER_GROUPS = ("dropout", "placement", "schedule")
 # Keys (and key prefixes) that never tell two experiments apart: they don't change what is computed.
 IGNORED_KEYS = ("seed", *RESUME_FREE_KEYS, "trainer.tb_images", "trainer.tb_image_classes",
                 "trainer.keep_last", "data.download", "checkpoint", "hydra")
-# Two-sided 95% Student t quantiles for 1..30 degrees of freedom (beyond: the normal 1.96).
-T95 = [12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
-       2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
-       2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272]
 # Column key in report.json -> the paper's column name (Table 3/4), then ours.
 COLUMNS = {"mean": "Mean mIoU", "std": "Std.", "min": "Worst mIoU", "median": "Med. mIoU", "max": "Best mIoU",
            "val_loss": "Loss", "miou": "mIoU (dataset)", "best_epoch": "Best epoch"}
 PER_IMAGE = ("mean", "std", "min", "median", "max")
 MARK = "†"
+DELTA, UP, DOWN = "ΔmIoU vs none [95% CI]", "▲", "▼"
 FOOTNOTE = f"{MARK} the same run(s) in every table: without a regulariser the schedule changes nothing"
 ABSENT = "(unset)"
 
@@ -94,36 +96,30 @@ def eval_command(run_dir: Path) -> str | None:
     return f"deeplab-dropout-eval {shlex.quote(str(run_dir.resolve()))}"
 
 
-def load_runs(root: Path) -> list[dict]:
-    """Every usable results.json below ``root``, with ``path`` (its folder relative to ``root``) added.
+def load_runs(root: Path, unusable: list[dict] | None = None) -> list[dict]:
+    """Every usable results.json below ``root``, with ``path`` (its folder relative to ``root``), ``dir`` (the
+    folder) and ``eval`` (the command that evaluates it again) added.
 
-    Unreadable or odd files are skipped with a warning on stderr, so one bad run never hides the others.
+    Unreadable or odd files are skipped with a warning on stderr (and appended to ``unusable`` as
+    ``{path, status: "unreadable", error}``), so one bad run never hides the others.
     """
     root = Path(root)
     runs = []
     for path in sorted(root.rglob("results.json")):
         try:
             data = json.loads(path.read_text())
+            problem = check_run(data)
         except (OSError, ValueError) as e:
-            print(f"warning: skipping {path}: {e}", file=sys.stderr)
-            continue
-        problem = check_run(data)
+            problem = one_line(e)
         if problem is not None:
             print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+            if unusable is not None:
+                unusable.append({"path": str(path.parent.relative_to(root)), "status": "unreadable",
+                                 "error": f"results.json: {problem}"})
             continue
-        data["path"] = str(path.parent.relative_to(root))
-        data["eval"] = eval_command(path.parent)
+        data.update(path=str(path.parent.relative_to(root)), dir=str(path.parent), eval=eval_command(path.parent))
         runs.append(data)
     return runs
-
-
-def mean_ci(values: list[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of its 95% t-interval (None for a single value)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, None
-    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 1.96
-    return m, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def best_values(run: dict) -> dict[str, float | None] | None:
@@ -210,8 +206,9 @@ def make_row(exp: dict, keys: set[str], every_schedule: bool) -> dict:
     return {"label": label, "cell": exp["cell"], "every_schedule": every_schedule, "keys": shown,
             "n": len(counted), "seeds": [r["config"]["seed"] for r, _ in counted],
             "runs": [{"path": r["path"], "seed": r["config"]["seed"], "status": r["status"],
-                      "eval": r.get("eval")} for r in exp["runs"]],
-            "duplicates": exp["duplicates"], "columns": columns, "status": dict(sorted(status.items()))}
+                      "error": r.get("error"), "eval": r.get("eval")} for r in exp["runs"]],
+            "duplicates": exp["duplicates"], "columns": columns, "status": dict(sorted(status.items())),
+            "vs_none": None, "ramp_better": []}
 
 
 def _order(row: dict) -> tuple[int, str]:
@@ -219,23 +216,62 @@ def _order(row: dict) -> tuple[int, str]:
     return (TABLE2_ORDER.index(cell) if cell in TABLE2_ORDER else len(TABLE2_ORDER), row["label"])
 
 
-def summarize(runs: Iterable[dict]) -> dict[str, list[dict]]:
-    """{schedule: [row, ...]} in Table 2 order, one row per experiment (see ``make_row`` for a row's fields).
+def counted_runs(exp: dict) -> list[dict]:
+    """The runs of an experiment that count in the table: completed, with a best epoch."""
+    return [r for r in exp["runs"] if best_values(r) is not None]
 
-    ``runs`` are results.json contents as ``load_runs`` returns them (checked, with ``path``).
+
+def baseline_key(key: str, keys: list[str], experiments: dict[str, dict]) -> str | None:
+    """The `none` experiment among ``keys`` that differs from ``key`` only in the regulariser groups."""
+    target = strip_groups(experiments[key]["config"], REGULARISER_GROUPS)
+    return next((k for k in keys if experiments[k]["cell"] == BASELINE and experiments[k]["config"] == target),
+                None)
+
+
+def constant_key(key: str, keys: list[str], experiments: dict[str, dict]) -> str | None:
+    """The experiment among ``keys`` (the constant schedule's) that differs from ``key`` only in the schedule."""
+    exp = experiments[key]
+    target = strip_groups(exp["config"], ("schedule",))
+    return next((k for k in keys if experiments[k]["cell"] == exp["cell"]
+                 and strip_groups(experiments[k]["config"], ("schedule",)) == target), None)
+
+
+def compare(tables: dict[str, dict[str, dict]], experiments: dict[str, dict], n_boot: int, boot_seed: int) -> None:
+    """Fill each regularised row's ``vs_none`` (ΔmIoU, paired bootstrap) and, under a ramped schedule,
+    ``ramp_better`` (the columns that beat the constant schedule). ``tables``: {schedule: {key: row}}."""
+    records = Records()
+    for schedule, rows in tables.items():
+        keys = list(rows)
+        for key, row in rows.items():
+            if row["cell"] in UNREGULARISED:
+                continue
+            base = baseline_key(key, keys, experiments)
+            row["vs_none"] = vs_none(counted_runs(experiments[key]),
+                                     None if base is None else counted_runs(experiments[base]),
+                                     records, n_boot, boot_seed)
+            if schedule != CONSTANT and CONSTANT in tables:
+                const = constant_key(key, list(tables[CONSTANT]), experiments)
+                row["ramp_better"] = ramp_better(row, None if const is None else tables[CONSTANT][const])
+
+
+def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0) -> dict[str, list[dict]]:
+    """{schedule: [row, ...]} in Table 2 order, one row per experiment (see ``make_row`` for a row's fields),
+    each regularised row compared with `none` (``vs_none``, ``n_boot`` resamples seeded by ``boot_seed``).
+
+    ``runs`` are results.json contents as ``load_runs`` returns them (checked, with ``path`` and ``dir``).
     """
     experiments = group_experiments(runs)
     wide = report_wide_keys(experiments)
-    table = {}
+    tables: dict[str, dict[str, dict]] = {}
     for schedule, keys in schedule_tables(experiments).items():
-        rows = []
+        tables[schedule] = {}
         for key in keys:
             exp = experiments[key]
             same_cell = [experiments[k]["config"] for k in keys if experiments[k]["cell"] == exp["cell"]]
             distinguishing = differing_keys(same_cell) | wide[exp["cell"] == "pretrained-base"]
-            rows.append(make_row(exp, distinguishing, every_schedule=exp["cell"] in UNREGULARISED))
-        table[schedule] = sorted(rows, key=_order)
-    return table
+            tables[schedule][key] = make_row(exp, distinguishing, every_schedule=exp["cell"] in UNREGULARISED)
+    compare(tables, experiments, n_boot, boot_seed)
+    return {schedule: sorted(rows.values(), key=_order) for schedule, rows in tables.items()}
 
 
 def _cell_text(column: str, mean: float | None, ci: float | None) -> str:
@@ -248,25 +284,44 @@ def _cell_text(column: str, mean: float | None, ci: float | None) -> str:
     return f"{mean:.1f} ± {ci:.1f}"
 
 
+def _delta_text(vs: dict | None) -> str:
+    if vs is None:  # not a regularised row
+        return "–"
+    if vs["delta"] is None:
+        return "n/a"
+    lo, hi = vs["ci"]
+    mark = (f" {UP}" if lo > 0 else f" {DOWN}") if vs["excludes_zero"] else ""
+    return f"{vs['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark}"
+
+
 def format_row(row: dict) -> str:
-    """One markdown table line."""
+    """One markdown table line; the columns a ramp improved (over the constant schedule) in bold."""
     label = (row["label"] + (f" {MARK}" if row["every_schedule"] else "")).replace("|", "\\|")
     cols = [_cell_text(c, *row["columns"][c]) for c in COLUMNS]
+    cols = [f"**{text}**" if c in row["ramp_better"] else text for c, text in zip(COLUMNS, cols, strict=True)]
     status = ", ".join(f"{s}×{n}" for s, n in row["status"].items())
-    return f"| {label} | {row['n']} | " + " | ".join(cols) + f" | {status} |"
+    return f"| {label} | {row['n']} | " + " | ".join(cols) + f" | {_delta_text(row['vs_none'])} | {status} |"
+
+
+def table_notes(rows: list[dict]) -> list[str]:
+    """What a table's marks and gaps mean: †, duplicates counted once, Δ that could not be computed."""
+    notes = [FOOTNOTE] if any(row["every_schedule"] for row in rows) else []
+    notes += [f"note: {row['label']}: seed {d['seed']} of {d['path']} ({d['status']}) is the same run as "
+              f"{d['same_as']}, counted once" for row in rows for d in row["duplicates"]]
+    notes += [f"note: {row['label']}: no Δ vs none: {row['vs_none']['reason']}" for row in rows
+              if row["vs_none"] is not None and row["vs_none"]["delta"] is None]
+    return notes
 
 
 def format_table(table: dict[str, list[dict]]) -> str:
-    """Markdown tables, one per schedule, with the footnote and duplicate notes under each."""
+    """Markdown tables, one per schedule, with the notes and the eval commands under each."""
     out = []
     for schedule, rows in table.items():
         out.append(f"### schedule = {schedule}\n")
-        out.append("| Experiment | runs | " + " | ".join(COLUMNS.values()) + " | status |")
-        out.append("|---" * (len(COLUMNS) + 3) + "|")
+        out.append("| Experiment | runs | " + " | ".join(COLUMNS.values()) + f" | {DELTA} | status |")
+        out.append("|---" * (len(COLUMNS) + 4) + "|")
         out += [format_row(row) for row in rows]
-        notes = [FOOTNOTE] if any(row["every_schedule"] for row in rows) else []
-        notes += [f"note: {row['label']}: seed {d['seed']} of {d['path']} ({d['status']}) is the same run as "
-                  f"{d['same_as']}, counted once" for row in rows for d in row["duplicates"]]
+        notes = table_notes(rows)
         out += [""] + notes if notes else []
         commands = [f"- {row['label']}, seed {r['seed']}: `{r['eval']}`" for row in rows for r in row["runs"]
                     if r.get("eval")]
@@ -275,48 +330,149 @@ def format_table(table: dict[str, list[dict]]) -> str:
     return "\n".join(out)
 
 
+def not_counted(table: dict[str, list[dict]], unusable: list[dict]) -> list[dict]:
+    """Every run that is in no column (failed, running, no best epoch) and every unreadable results.json."""
+    seen, out = set(), []
+    for schedule, rows in table.items():
+        for row in rows:
+            for r in row["runs"]:
+                if r["path"] in seen or (r["status"] == "completed" and r["seed"] in row["seeds"]):
+                    continue
+                seen.add(r["path"])
+                out.append({"path": r["path"], "experiment": row["label"], "schedule": schedule,
+                            "seed": r["seed"], "status": r["status"], "error": r.get("error")})
+    return out + unusable
+
+
+def format_not_counted(runs: list[dict]) -> str:
+    """The section listing the runs that are not in the tables, with their errors."""
+    if not runs:
+        return ""
+    lines = ["### Failed or incomplete runs (not in the tables)\n", "| run | experiment | schedule | seed | status "
+             "| error |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        cells = [r["path"], r.get("experiment", "?"), r.get("schedule", "?"), r.get("seed", "?"), r["status"],
+                 r.get("error") or "–"]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ["schedule", "experiment", "cell", "every_schedule", "n", "seeds",
+              *[f"{c}{suffix}" for c in COLUMNS for suffix in ("", "_ci95")],
+              "delta_miou", "delta_ci_low", "delta_ci_high", "delta_excludes_zero", "delta_method", "delta_note",
+              "ramp_better", "status", "runs"]
+
+
+def csv_rows(table: dict[str, list[dict]]) -> list[dict]:
+    """One flat row per experiment × schedule, every column of the tables (CIs and Δ included)."""
+    out = []
+    for schedule, rows in table.items():
+        for row in rows:
+            flat = {"schedule": schedule, "experiment": row["label"], "cell": row["cell"],
+                    "every_schedule": row["every_schedule"], "n": row["n"],
+                    "seeds": " ".join(map(str, row["seeds"])), "ramp_better": " ".join(row["ramp_better"]),
+                    "status": " ".join(f"{s}={n}" for s, n in row["status"].items()),
+                    "runs": " ".join(r["path"] for r in row["runs"])}
+            for c, (mean, ci) in row["columns"].items():
+                flat[c], flat[f"{c}_ci95"] = mean, ci
+            vs = row["vs_none"] or {}
+            ci = vs.get("ci") or [None, None]
+            flat.update(delta_miou=vs.get("delta"), delta_ci_low=ci[0], delta_ci_high=ci[1],
+                        delta_excludes_zero=vs.get("excludes_zero"), delta_method=vs.get("method"),
+                        delta_note=vs.get("reason"))
+            out.append(flat)
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` as CSV with the CSV_FIELDS header (None as an empty field), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+    atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+
+
 HEADER = ("Best epoch of each run (by its monitor). ± is a 95% t-interval over the seeds of one experiment; "
           "rows are experiments: runs whose resolved configs differ only in seed. Mean/Std./Worst/Med./Best "
-          "mIoU are over validation images; Loss is the validation loss.")
+          "mIoU are over validation images; Loss is the validation loss. "
+          f"{DELTA}: dataset mIoU minus that of `none` (same experiment without a regulariser), paired by seed "
+          "and validation image, [95% bootstrap CI]; "
+          f"{UP}/{DOWN}: the CI excludes 0. Bold (under a ramped schedule): better than the same experiment "
+          "with the constant schedule, as the paper's Table 4.")
 
 
-def report(root: Path) -> str:
-    """Build the report of ``root``, write report.md and report.json there, return the text."""
+def report(root: Path, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = ("chandrop",),
+           figures: bool = True) -> str:
+    """Build the report of ``root``; write report.md, report.csv, report.json and (``figures``) the plots and
+    image sheets there; return the markdown text."""
     root = Path(root)
-    runs = load_runs(root)
+    unusable: list[dict] = []
+    runs = load_runs(root, unusable)
     if not runs:
-        found = root.is_dir() and any(root.rglob("results.json"))
-        raise FileNotFoundError(f"no usable results.json under {root} (see the warnings)" if found
+        raise FileNotFoundError(f"no usable results.json under {root} (see the warnings)" if unusable
                                 else f"no results.json under {root}")
-    table = summarize(runs)
-    text = f"# deeplab-dropout report: {root}\n\n{HEADER}\n\n" + format_table(table)
-    (root / "report.md").write_text(text)
-    write_json(root / "report.json", table)
+    table = summarize(runs, n_boot, boot_seed)
+    missing = not_counted(table, unusable)
+    drawn = draw_figures(root, table, runs, sheets) if figures else []
+    text = (f"# deeplab-dropout report: {root}\n\n{HEADER}\n\n" + format_table(table) + format_not_counted(missing)
+            + "".join(f"\n![{p.stem}]({p.name})\n" for p in drawn))
+    atomic_write(root / "report.md", lambda f: f.write(text.encode()))
+    write_csv(root / "report.csv", csv_rows(table))
+    write_json(root / "report.json", {"tables": table, "not_counted": missing, "figures": [p.name for p in drawn],
+                                      "bootstrap": {"n_boot": n_boot, "seed": boot_seed, "level": 0.95}})
     return text
 
 
 class ReportCallback(Callback):
-    """At the end of a multirun: print the report and where to point TensorBoard."""
+    """At the end of a multirun: write and print the report (``hydra.callbacks.report.*`` are ``report``'s
+    arguments) and say where to point TensorBoard."""
+
+    def __init__(self, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = SHEET_TYPES[:1],
+                 figures: bool = True) -> None:
+        unknown = [kind for kind in sheets if kind not in SHEET_TYPES]
+        if unknown or n_boot < 1:
+            raise ValueError(f"hydra.callbacks.report: sheets={list(sheets)}, n_boot={n_boot} is invalid: sheets "
+                             f"must be among {', '.join(SHEET_TYPES)} and n_boot at least 1")
+        self.options = {"n_boot": n_boot, "boot_seed": boot_seed, "sheets": list(sheets), "figures": figures}
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            print(report(sweep_dir))
+            print(report(sweep_dir, **self.options))
         except FileNotFoundError:
             return
-        print(f"results: {sweep_dir}/*/results.json  report: {sweep_dir / 'report.md'}")
+        print(f"results: {sweep_dir}/*/results.json  report: {sweep_dir / 'report.md'} (.csv, .json, *.png)")
         print(f"tensorboard --logdir {sweep_dir}")
+
+
+DESCRIPTION = """Read every run's results.json (and per_image.npz, predictions/) under DIR, searched
+recursively, and write the study's tables there: report.md (the paper's Table 3/4 per schedule, ΔmIoU vs
+`none` with a paired bootstrap CI, the ramp's bold), report.csv (one row per experiment × schedule, every
+column), report.json (the same, nested), and the plots: delta_vs_none.png, curves.png, per_image.png,
+class_iou.png, and image sheets sheet_<type>_<schedule>.png. Prints report.md."""
+EPILOG = """examples:
+  deeplab-dropout-report outputs/demo
+  deeplab-dropout-report multirun/2026-11-29/10-00-00 --n-boot 10000 --sheets chandrop dropblock uout"""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
-    parser = argparse.ArgumentParser(prog="deeplab-dropout-report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="deeplab-dropout-report", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", type=Path, help="a run or sweep directory (searched recursively)")
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for ΔmIoU (default 2000)")
+    parser.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument("--sheets", nargs="*", default=["chandrop"], choices=SHEET_TYPES, metavar="TYPE",
+                        help=f"image sheets for these dropout types ({', '.join(SHEET_TYPES)}; default chandrop)")
+    parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     args = parser.parse_args(argv)
+    if args.n_boot < 1:
+        parser.error(f"--n-boot={args.n_boot} is invalid: must be at least 1")
     try:
-        print(report(args.dir))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(report(args.dir, args.n_boot, args.boot_seed, args.sheets, figures=not args.no_figures))
+    except (FileNotFoundError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,7 +1,8 @@
-"""The one place that writes what a run leaves: results.json and checkpoints, both atomically, and that
-decides whether a checkpoint may be resumed.
+"""The one place that writes what a run leaves: results.json, per_image.npz, the predictions/ PNGs and
+checkpoints, all atomically, and that decides whether a checkpoint may be resumed.
 
-torch is imported only by the checkpoint functions, so the data tools can write JSON through here cheaply.
+torch and PIL are imported only by the functions that need them, so the data tools can write JSON through
+here cheaply.
 """
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import yaml
 
 from deeplab_dropout.config import ConfigError, one_line
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 LAST, BEST = Path("checkpoints/last.pt"), Path("checkpoints/best.pt")  # in the run dir
+PER_IMAGE = Path("per_image.npz")  # in the run dir, beside results.json
+PREDICTIONS = Path("predictions")  # in the run dir: <image id>/{image,truth,epoch_NNN}.png and index.json
 
 
 def _run_invariant_keys() -> tuple[str, ...]:
@@ -88,6 +92,95 @@ def write_json(path: Path, data: dict) -> None:
     """Write ``data`` as indented JSON, atomically, NaN as null."""
     text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class PerImage(NamedTuple):
+    """per_image.npz: the val ids in evaluation order, their (N, K, 2) int32 [intersection, union] pixel
+    counts per class, and the 1-based epoch they were counted at."""
+
+    ids: list[str]
+    counts: np.ndarray
+    epoch: int
+
+
+def write_per_image(path: Path, ids: list[str], counts, epoch: int) -> None:
+    """Write ``path`` (per_image.npz) atomically: ``ids``, ``counts`` (N, K, 2) as int32, ``epoch``."""
+    counts = np.asarray(counts)
+    if counts.ndim != 3 or counts.shape[2] != 2 or counts.shape[0] != len(ids):
+        raise ValueError(f"per-image counts for {path} must be ({len(ids)}, K, 2), got {counts.shape}")
+    # int32 holds 2**31 pixels an image and class, far beyond any crop; checked rather than wrapped.
+    if counts.size and (counts.min() < 0 or counts.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"per-image counts for {path} are outside [0, 2**31)")
+    arrays = {"ids": np.array([str(i) for i in ids], dtype=np.str_), "counts": counts.astype(np.int32),
+              "epoch": np.array(int(epoch))}
+    atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+
+
+def read_per_image(path: Path) -> PerImage:
+    """The per_image.npz at ``path``; a file without the expected keys and shapes is a one-line ValueError
+    (a missing one FileNotFoundError)."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read {path}: {one_line(e)}") from e
+    missing = sorted({"ids", "counts", "epoch"} - arrays.keys())
+    if missing:
+        raise ValueError(f"{path} is not a per-image record: no {', '.join(missing)}")
+    ids, counts, epoch = arrays["ids"], arrays["counts"], arrays["epoch"]
+    if ids.ndim != 1 or counts.ndim != 3 or counts.shape[0] != ids.shape[0] or counts.shape[2] != 2 \
+            or not np.issubdtype(counts.dtype, np.integer) or epoch.shape != () \
+            or not np.issubdtype(epoch.dtype, np.integer):
+        raise ValueError(f"{path} is not a per-image record: ids {ids.shape}, counts {counts.shape} "
+                         f"{counts.dtype}, epoch {epoch.shape} (expected (N,), (N, K, 2) integer, scalar)")
+    return PerImage([str(i) for i in ids], counts.astype(np.int32), int(epoch))
+
+
+def _write_png(path: Path, pil_image) -> None:
+    atomic_write(Path(path), lambda f: pil_image.save(f, format="PNG"))
+
+
+def write_label_png(path: Path, label) -> None:
+    """An (H, W) label map (0..K-1, 255 = void) as a palette PNG in the VOC colours, atomically."""
+    from PIL import Image
+
+    from deeplab_dropout.data.voc import VOC_PALETTE
+
+    label = np.asarray(label)
+    if label.ndim != 2 or label.min(initial=0) < 0 or label.max(initial=0) > 255:
+        raise ValueError(f"label map for {path} must be (H, W) in [0, 255], got {label.shape}")
+    img = Image.fromarray(label.astype(np.uint8), mode="P")
+    img.putpalette(VOC_PALETTE)
+    _write_png(path, img)
+
+
+def write_rgb_png(path: Path, image) -> None:
+    """A uint8 (3, H, W) image as an RGB PNG, atomically."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image for {path} must be uint8 (3, H, W), got {image.dtype} {image.shape}")
+    _write_png(path, Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), mode="RGB"))
+
+
+def prediction_png(run_dir: Path, image_id: str, epoch: int) -> Path:
+    """predictions/<image id>/epoch_<NNN>.png in ``run_dir`` (1-based epoch, 3 digits)."""
+    return Path(run_dir) / PREDICTIONS / image_id / f"epoch_{epoch:03d}.png"
+
+
+def write_prediction(run_dir: Path, image_id: str, epoch: int, image, truth, pred) -> None:
+    """Save one val image's prediction at ``epoch``; its image.png and truth.png the first time only."""
+    folder = Path(run_dir) / PREDICTIONS / image_id
+    if not (folder / "image.png").exists():
+        write_rgb_png(folder / "image.png", image)
+    if not (folder / "truth.png").exists():
+        write_label_png(folder / "truth.png", truth)
+    write_label_png(prediction_png(run_dir, image_id, epoch), pred)
 
 
 class RunResults:
@@ -231,8 +324,10 @@ def repair_best(run_dir: Path, results: RunResults, saved: dict) -> None:
 
 
 def remove_temp_files(run_dir: Path) -> None:
-    """Delete the temp files killed writes left in the run dir and its checkpoints/ (never a finished file)."""
-    for folder in (run_dir, run_dir / LAST.parent):
+    """Delete the temp files killed writes left in the run dir, its checkpoints/ and predictions/ (never a
+    finished file)."""
+    folders = [run_dir, run_dir / LAST.parent, run_dir / PREDICTIONS, *(run_dir / PREDICTIONS).glob("*/")]
+    for folder in folders:
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 

@@ -1,11 +1,13 @@
-"""TensorBoard logging for a run: HParams, each epoch's scalars, and image | truth | prediction strips in
-the VOC palette (fixed val images, and the best and worst one at each new best epoch)."""
+"""TensorBoard logging for a run, into the run directory itself (so ``tensorboard --logdir SWEEP`` names runs
+by their sweep folder): HParams, each epoch's scalars, and captioned image | truth | prediction strips in the
+VOC palette (fixed val images, and the best and worst one at each new best epoch)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
@@ -16,8 +18,12 @@ from deeplab_dropout.data.split import class_presence
 from deeplab_dropout.data.voc import VOC_PALETTE
 from deeplab_dropout.model import cell_name, placement_name
 
-# The metrics the HParams tab compares; each is also written as a scalar under the same tag.
-HPARAM_METRICS = ("hparams/best_miou", "hparams/best_per_image_miou_mean")
+# The metrics the HParams tab compares (Table 3's columns at the best epoch), each also written as a scalar
+# under the same tag. The tab shows only the first five by default: those are the paper's.
+HPARAM_METRICS = ("hparams/best_miou", "hparams/best_per_image_miou_mean", "hparams/best_per_image_miou_min",
+                  "hparams/best_per_image_miou_median", "hparams/best_per_image_miou_max",
+                  "hparams/best_per_image_miou_std", "hparams/best_val_loss", "hparams/best_epoch")
+CAPTION_HEIGHT = 14  # pixels of the title band above each strip (PIL's default font is ~11 high)
 
 
 def colorize(mask: torch.Tensor) -> torch.Tensor:
@@ -32,20 +38,39 @@ def overlay(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.6) -> torc
     return torch.where((mask.cpu() != 0)[None], blend.round(), image.float()).to(torch.uint8)
 
 
-def strip(image: torch.Tensor, target: torch.Tensor, pred: torch.Tensor, min_height: int = 192) -> torch.Tensor:
+def strip(image: torch.Tensor, target: torch.Tensor, pred: torch.Tensor, min_height: int = 192,
+          titles: Sequence[str] | None = None) -> torch.Tensor:
     """uint8 (3, H, W): image | ground truth overlay | prediction overlay, side by side with white gaps,
-    enlarged (nearest) to at least ``min_height`` so that small crops stay readable in TensorBoard."""
+    enlarged (nearest) to at least ``min_height`` so that small crops stay readable in TensorBoard; with
+    ``titles`` (one per panel), a white caption band on top."""
     image = image.cpu()
     sep = torch.full((3, image.shape[-2], 4), 255, dtype=torch.uint8)
     out = torch.cat([image, sep, overlay(image, target), sep, overlay(image, pred)], dim=-1)
     scale = -(-min_height // out.shape[-2])  # ceil
-    return out.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1) if scale > 1 else out
+    if scale > 1:
+        out = out.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    if titles is None:
+        return out
+    lefts = [i * (image.shape[-1] + 4) * max(scale, 1) for i in range(3)]
+    return torch.cat([caption_band(out.shape[-1], titles, lefts), out], dim=-2)
+
+
+def caption_band(width: int, titles: Sequence[str], lefts: Sequence[int]) -> torch.Tensor:
+    """uint8 (3, CAPTION_HEIGHT, width): white, with each title in black from its x offset in ``lefts``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    band = Image.new("RGB", (width, CAPTION_HEIGHT), "white")
+    draw, font = ImageDraw.Draw(band), ImageFont.load_default()
+    for title, left in zip(titles, lefts, strict=True):
+        draw.text((left + 2, 1), title, fill="black", font=font)
+    return torch.from_numpy(np.asarray(band).copy()).permute(2, 0, 1)
 
 
 def run_hparams(cfg: DictConfig) -> dict:
-    """The run's row in the HParams tab: its cell, the study's axes, seed and backbone."""
-    return {"cell": cell_name(cfg), "dropout": cfg.dropout.name, "placement": placement_name(cfg),
-            "schedule": cfg.schedule.name, "p": float(cfg.dropout.p), "seed": int(cfg.seed),
+    """The run's row in the HParams tab: its cell, the study's axes, seed and backbone (the tab shows the
+    first five columns by default, so the paper's axes come first)."""
+    return {"cell": cell_name(cfg), "schedule": cfg.schedule.name, "seed": int(cfg.seed),
+            "p": float(cfg.dropout.p), "dropout": cfg.dropout.name, "placement": placement_name(cfg),
             "backbone": cfg.model.backbone}
 
 
@@ -74,8 +99,18 @@ def best_and_worst(image_miou: Sequence[float]) -> tuple[int, int]:
     return int(scores.masked_fill(scores.isinf(), -math.inf).argmax()), int(scores.argmin())
 
 
+def best_scalars(best: dict | None) -> dict[str, float | None]:
+    """HPARAM_METRICS' values at the best epoch so far (from its results.json entry; None before one)."""
+    if best is None:
+        return dict.fromkeys(HPARAM_METRICS)
+    stats = best["per_image_miou"]
+    values = [best["miou"], stats["mean"], stats["min"], stats["median"], stats["max"], stats["std"],
+              best["val_loss"], best["epoch"]]
+    return dict(zip(HPARAM_METRICS, values, strict=True))
+
+
 class TBLogger:
-    """A SummaryWriter under ``<run>/tb`` that declares the run's hyper-parameters once, at the start."""
+    """A SummaryWriter in the run directory that declares the run's hyper-parameters once, at the start."""
 
     def __init__(self, log_dir: Path, hparam_dict: dict) -> None:
         self.writer = SummaryWriter(log_dir=str(log_dir))
@@ -95,31 +130,22 @@ class TBLogger:
             return
         self.scalars({"val/loss": entry["val_loss"], "val/miou": entry["miou"],
                       "val/pixel_acc": entry["pixel_acc"], "val/per_image_miou_mean": entry["per_image_miou"]["mean"],
-                      HPARAM_METRICS[0]: best["miou"] if best else None,
-                      HPARAM_METRICS[1]: best["per_image_miou"]["mean"] if best else None}, step)
+                      **best_scalars(best)}, step)
 
-    def log_images(self, step: int, render: Callable[[int], torch.Tensor], ids: Sequence[str],
-                   fixed: Sequence[int], image_miou: Sequence[float] | None = None) -> None:
-        """``render(i)``'s strip of each fixed val image and, given every image's mIoU (at a new best epoch),
-        of the best and the worst image."""
-        for index in fixed:
-            self.image(f"val_images/{ids[index]}", render(index), step)
-        if image_miou is None:
-            return
-        for tag, index in zip(("best_image", "worst_image"), best_and_worst(image_miou), strict=True):
-            self.image(f"val/{tag}", render(index), step)
-            self.text(f"val/{tag}_id", f"{ids[index]} (mIoU {image_miou[index]:.3f})", step)
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def scalars(self, values: dict[str, float | None], step: int) -> None:
+        """Each value under its tag at ``step``; None (undefined) and NaN are left out."""
         for tag, value in values.items():
-            if value is not None:
+            if value is not None and not math.isnan(value):
                 self.writer.add_scalar(tag, value, step)
 
     def image(self, tag: str, img: torch.Tensor, step: int) -> None:
+        """A uint8 (3, H, W) image under ``tag`` at ``step``."""
         self.writer.add_image(tag, img, step, dataformats="CHW")
 
     def text(self, tag: str, text: str, step: int) -> None:
+        """A text summary under ``tag`` at ``step``."""
         self.writer.add_text(tag, text, step)
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self.writer.close()

@@ -2,8 +2,9 @@
 
 Read top to bottom: ``set_up`` (config validation, device and precision, data, model, optimiser, resume)
 returns one ``RunState``; then ``run`` calls, per epoch, ``train_one_epoch``, ``evaluate`` and
-``record_epoch`` (results.json, TensorBoard, checkpoints). A re-launch skips a completed run and resumes
-an interrupted or failed one from checkpoints/last.pt. ``main`` is the Hydra entry point.
+``record_epoch`` (results.json, per_image.npz, predictions/, TensorBoard, checkpoints). A re-launch skips a
+completed run and resumes an interrupted or failed one from checkpoints/last.pt. ``main`` is the Hydra entry
+point.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import hydra
@@ -34,6 +34,8 @@ from deeplab_dropout.model import build_model, cell_name, describe_sites
 from deeplab_dropout.results import (
     CONF_DIR,
     LAST,
+    PER_IMAGE,
+    PREDICTIONS,
     RunResults,
     check_resumable,
     kill_point,
@@ -42,9 +44,12 @@ from deeplab_dropout.results import (
     remove_temp_files,
     repair_best,
     save_checkpoints,
+    write_json,
+    write_per_image,
+    write_prediction,
 )
 from deeplab_dropout.schedules import poly_lr, scheduled_drop_p
-from deeplab_dropout.tb import TBLogger, pick_tb_images, run_hparams, strip
+from deeplab_dropout.tb import TBLogger, best_and_worst, pick_tb_images, run_hparams, strip
 
 log = logging.getLogger("deeplab_dropout")
 # What is wrong with the input rather than the code: the config (weights included), the data, a file.
@@ -320,7 +325,9 @@ def train_one_epoch(state: RunState, epoch: int) -> dict:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: DictConfig, runtime: Runtime,
              progress: bool = False) -> dict:
-    """Whole-val evaluation: dataset mIoU, pixel accuracy, class IoU, per-image mIoU stats, val loss."""
+    """Whole-val evaluation: dataset mIoU, pixel accuracy, class IoU, per-image mIoU stats, val loss; also
+    (not for results.json) ``image_counts``, int64 (N, K, 2) per-image counts of the first N val images
+    (trainer.max_val_images may cut the list), and ``image_miou``."""
     model.eval()
     metrics = SegmentationMetrics(cfg.model.num_classes, cfg.data.ignore_index)
     limit = cfg.trainer.max_val_images
@@ -337,6 +344,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: DictConfig, runtim
     # The training loss's scale (whatever the val batch size), so val_loss compares with train_loss.
     out["val_loss"] = reduce_loss(total_loss, total_px, cfg.trainer.batch_size, cfg.loss)
     out["image_miou"] = metrics.image_miou.tolist()
+    out["image_counts"] = metrics.image_counts
     return out
 
 
@@ -345,29 +353,78 @@ def is_eval_epoch(cfg: DictConfig, epoch: int) -> bool:
     return (epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == cfg.trainer.epochs
 
 
+# A dataclass, not a NamedTuple: under `python -m` this module is __main__, and launchers that cloudpickle the
+# task (submitit) pickle its classes by value, which fails for NamedTuples on Python 3.11.
+@dataclass(frozen=True)
+class View:
+    """One val image as saved and shown: id, uint8 (3, H, W) image, label map and the model's prediction."""
+
+    id: str
+    image: torch.Tensor
+    target: torch.Tensor
+    pred: torch.Tensor
+
+
 @torch.no_grad()
-def render(state: RunState, index: int) -> torch.Tensor:
-    """TensorBoard's strip of val image ``index``: image | ground truth | the model's prediction."""
+def predict(state: RunState, index: int) -> View:
+    """Val image ``index`` through the model once (eval mode); the View that both its PNG and strip use."""
     state.model.eval()
     image, target = state.val_ds[index]
     with state.runtime.autocast():
         pred = state.model(image[None].to(state.runtime.device)).argmax(1)[0].cpu()
-    return strip(denormalize(image, state.cfg.data), target, pred)
+    return View(state.val_ds.ids[index], denormalize(image, state.cfg.data), target, pred)
+
+
+def show(state: RunState, tag: str, view: View, epoch: int, miou: float) -> None:
+    """Save ``view``'s prediction at ``epoch`` under predictions/ and log its captioned strip as ``tag``."""
+    write_prediction(state.run_dir, view.id, epoch, view.image, view.target, view.pred)
+    titles = (view.id, "ground truth", f"prediction · mIoU {miou:.3f} · epoch {epoch}")
+    state.tb.image(tag, strip(view.image, view.target, view.pred, titles=titles), epoch)
+
+
+def view_miou(view: View, cfg: DictConfig) -> float:
+    """The per-image mIoU of the prediction in ``view`` (NaN if the image has no valid pixel)."""
+    metrics = SegmentationMetrics(cfg.model.num_classes, cfg.data.ignore_index)
+    metrics.update(view.pred, view.target)
+    return metrics.image_miou[0].item()
+
+
+def record_views(state: RunState, epoch: int, ev: dict, is_best: bool) -> None:
+    """The fixed val images' predictions at evaluated epoch ``epoch`` (1-based); at a new best epoch also the
+    best and worst image's, per_image.npz and predictions/index.json."""
+    fixed = {i: predict(state, i) for i in state.tb_indices}
+    for view in fixed.values():
+        show(state, f"val_images/{view.id}", view, epoch, view_miou(view, state.cfg))
+    if not is_best:
+        return
+    counts = ev["image_counts"]
+    ids = state.val_ds.ids[:counts.shape[0]]  # the images evaluate saw, in its order
+    write_per_image(state.run_dir / PER_IMAGE, ids, counts.numpy(), epoch)
+    image_miou = ev["image_miou"]  # miou_from_counts of these counts
+    index = {"fixed": [v.id for v in fixed.values()], "best_epoch": epoch}
+    for name, i in zip(("best", "worst"), best_and_worst(image_miou), strict=True):
+        view = fixed[i] if i in fixed else predict(state, i)  # one forward per image and epoch
+        show(state, f"val/{name}_image", view, epoch, image_miou[i])
+        state.tb.text(f"val/{name}_image_id", f"{view.id} (mIoU {image_miou[i]:.3f})", epoch)
+        index[name] = {"id": view.id, "miou": image_miou[i]}
+    write_json(state.run_dir / PREDICTIONS / "index.json", index)
 
 
 def record_epoch(state: RunState, epoch: int, stats: dict, ev: dict | None, seconds: float) -> None:
-    """Write what epoch ``epoch`` left: its results.json entry, TensorBoard scalars and images, a log line,
-    the checkpoints (last, and best at a new best). ``ev`` is None for an epoch without evaluation."""
+    """Write what epoch ``epoch`` left: its results.json entry, per-image record, predictions, TensorBoard
+    scalars and images, a log line, the checkpoints (last, and best at a new best). ``ev`` is None for an
+    epoch without evaluation."""
     entry = {"epoch": epoch + 1, "train_loss": stats["train_loss"]}
     if ev is not None:
         entry.update({k: ev[k] for k in VAL_KEYS})
     entry.update({k: stats[k] for k in ("lr", "lr_head", "drop_p", "iteration")}, seconds=seconds)
-    is_best = state.results.add_epoch(entry)
-
+    # per_image.npz and predictions/ first, results.json after: a kill between them leaves results.json
+    # on the previous best, and the resumed run redoes this epoch and rewrites both.
+    is_best = state.results.add_epoch(entry, write=False)
     state.tb.log_scalars(entry, state.results.data["best"])
     if ev is not None:
-        state.tb.log_images(entry["epoch"], partial(render, state), state.val_ds.ids, state.tb_indices,
-                            ev["image_miou"] if is_best else None)
+        record_views(state, entry["epoch"], ev, is_best)
+    state.results.write()
     log.info("epoch %d/%d  train_loss %.4f  val_loss %s  mIoU %s  lr %.2e  p %.3f  %.1fs", entry["epoch"],
              state.cfg.trainer.epochs, entry["train_loss"], _fmt(entry.get("val_loss")),
              _fmt(entry.get("miou")), entry["lr"], entry["drop_p"], entry["seconds"])
@@ -411,7 +468,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     state = set_up(cfg, run_dir)
     results = state.results
     results.write()
-    state.tb = TBLogger(run_dir / "tb", run_hparams(cfg))
+    state.tb = TBLogger(run_dir, run_hparams(cfg))  # in the run dir: TensorBoard names runs by their folder
     try:
         for epoch in range(state.start_epoch, cfg.trainer.epochs):
             run_epoch(state, epoch)
@@ -428,7 +485,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     if best is not None:
         log.info("best epoch %d: mIoU %.4f (per-image mean %.4f); results: %s; tensorboard --logdir %s",
                  results.data["best_epoch"], best["miou"], best["per_image_miou"]["mean"], results.path,
-                 run_dir / "tb")
+                 run_dir)
     return results.best_value()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from deeplab_dropout.metrics import SegmentationMetrics
+from deeplab_dropout.metrics import SegmentationMetrics, iou_from_counts, miou_from_counts
 
 K, IGNORE = 21, 255
 
@@ -98,3 +98,28 @@ def test_bad_inputs_rejected():
         metrics.update(torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="target labels"):
         metrics.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 2, 2), 30))
+
+
+def test_image_counts_match_brute_force_and_give_compute_exactly():
+    rng = np.random.default_rng(7)
+    pred, target = random_batch(rng, 5, 13, 17, [0, 2, 9, 14])
+    metrics = SegmentationMetrics(K, IGNORE)
+    metrics.update(torch.from_numpy(pred[:2]), torch.from_numpy(target[:2]))
+    metrics.update(torch.from_numpy(pred[2:]), torch.from_numpy(target[2:]))
+    counts = metrics.image_counts
+    assert counts.dtype == torch.int64 and counts.shape == (5, K, 2)
+    for i in range(5):
+        valid = target[i] != IGNORE
+        p, t = pred[i][valid], target[i][valid]
+        for c in range(K):
+            tp = np.sum((p == c) & (t == c))
+            assert counts[i, c].tolist() == [tp, np.sum(p == c) + np.sum(t == c) - tp]
+    out = metrics.compute()
+    # What a reader of per_image.npz computes (int32 counts, summed over images) equals compute() bit for bit.
+    saved = counts.numpy().astype(np.int32)
+    inter, union = saved[..., 0].sum(0), saved[..., 1].sum(0)
+    assert miou_from_counts(inter, union).item() == out["miou"]
+    assert [None if math.isnan(v) else v for v in iou_from_counts(inter, union).tolist()] == out["class_iou"]
+    per_image = miou_from_counts(saved[..., 0], saved[..., 1])
+    assert per_image.mean().item() == out["per_image_miou"]["mean"]
+    assert SegmentationMetrics().image_counts.shape == (0, K, 2)

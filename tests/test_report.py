@@ -21,7 +21,7 @@ from deeplab_dropout.report import TABLE2_ORDER, experiment_key, load_runs, main
 from deeplab_dropout.results import write_json
 
 PAPER_COLUMNS = ["Experiment", "runs", "Mean mIoU", "Std.", "Worst mIoU", "Med. mIoU", "Best mIoU", "Loss",
-                 "mIoU (dataset)", "Best epoch", "status"]
+                 "mIoU (dataset)", "Best epoch", "ΔmIoU vs none [95% CI]", "status"]
 
 
 def t_quantile_975(df: int) -> float:
@@ -103,7 +103,7 @@ def test_runs_differing_in_dropout_p_are_two_rows(tmp_path, capsys):
         row = rows[f"all-chandrop [dropout.p={p}]"]
         assert row["n"] == 2 and row["keys"] == {"dropout.p": float(p)}
         assert row["columns"]["mean"][0] == pytest.approx(statistics.fmean(values))
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--no-figures"]) == 0
     assert "| all-chandrop [dropout.p=0.5] | 2 | 0.6300 ± " in capsys.readouterr().out
 
 
@@ -120,7 +120,7 @@ def test_backbones_are_never_one_row_and_columns_are_the_papers(tmp_path, capsys
                       "spp-uout [model.backbone=resnet101, model.name=deeplabv3plus_resnet101]",
                       "all-chandrop [model.backbone=resnet18, model.name=deeplabv3plus_resnet18]"}
     assert all(row["n"] == 1 for row in table["constant"])
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--no-figures"]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Experiment"))
     assert [c.strip() for c in header.strip("|").split("|")] == PAPER_COLUMNS
 
@@ -136,7 +136,7 @@ def test_none_is_one_run_shown_under_every_schedule(tmp_path, capsys):
         assert none["every_schedule"] and none["n"] == 1 and none["label"] == "none"
         assert [r["path"] for r in none["runs"]] == ["schedule=constant,seed=0"]
         assert [row["n"] for row in rows_of(table, schedule, "spp-uout")] == [1]
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--no-figures"]) == 0
     out = capsys.readouterr().out
     for part in out.split("### schedule = ")[1:]:
         assert "| none † | 1 | 0.4000 |" in part
@@ -156,11 +156,11 @@ def test_same_seed_under_two_schedules_counts_once(tmp_path, capsys):
         assert row["columns"]["mean"][0] == pytest.approx(0.43)
         assert [r["path"] for r in row["runs"]] == [kept0, kept1]
         assert {(d["path"], d["same_as"]) for d in row["duplicates"]} == {(dup0, kept0), (dup1, kept1)}
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--no-figures"]) == 0
     out = capsys.readouterr().out
     assert f"seed 0 of {dup0} (completed) is the same run as {kept0}, counted once" in out
     report_json = json.loads((tmp_path / "report.json").read_text())
-    assert {d["path"] for d in report_json["linear"][0]["duplicates"]} == {dup0, dup1}
+    assert {d["path"] for d in report_json["tables"]["linear"][0]["duplicates"]} == {dup0, dup1}
 
 
 def test_report_orders_rows_like_table2_and_writes_files(tmp_path, capsys):
@@ -182,8 +182,10 @@ def test_report_orders_rows_like_table2_and_writes_files(tmp_path, capsys):
     assert rows == sorted(rows, key=TABLE2_ORDER.index)
     assert "| upper-dropblock | 0 | – | – |" in out and "failed×1" in out
     assert (tmp_path / "report.md").read_text() + "\n" == out
+    # Runs without per-image records, class IoU or predictions: the plots that have data, no image sheet.
+    assert {p.name for p in tmp_path.glob("*.png")} == {"delta_vs_none.png", "curves.png"}
     report_json = json.loads((tmp_path / "report.json").read_text())
-    assert [row["label"] for row in report_json["linear"]] == ["pretrained-base", "none", "resnet-chandrop",
+    assert [row["label"] for row in report_json["tables"]["linear"]] == ["pretrained-base", "none", "resnet-chandrop",
                                                                 "all-uout"]
 
 
@@ -196,7 +198,7 @@ def test_odd_results_json_is_skipped_with_a_warning(tmp_path, capsys):
     data = json.loads((tmp_path / odd / "results.json").read_text())
     data["best"]["per_image_miou"] = "0.5"
     write_json(tmp_path / odd / "results.json", data)
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--no-figures"]) == 0
     captured = capsys.readouterr()
     warnings = captured.err.splitlines()
     assert len(warnings) == 3 and all(w.startswith("warning: skipping ") for w in warnings)
@@ -218,7 +220,7 @@ def test_experiment_key_ignores_seed_and_the_schedule_of_unregularised_runs():
 
 
 def test_empty_dir_is_an_error(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 2
+    assert main([str(tmp_path), "--no-figures"]) == 2
     assert capsys.readouterr().err.startswith("error: no results.json")
 
 
@@ -227,8 +229,8 @@ def test_each_run_with_a_best_checkpoint_gets_a_pasteable_eval_command(tmp_path,
     fake_run(tmp_path, ["cell=spp-uout", "schedule=constant"], 1, 0.6)  # no checkpoint: no command
     (tmp_path / kept / "checkpoints").mkdir()
     (tmp_path / kept / "checkpoints/best.pt").write_bytes(b"")
-    assert main([str(tmp_path)]) == 0
-    row = json.loads((tmp_path / "report.json").read_text())["constant"][0]
+    assert main([str(tmp_path), "--no-figures"]) == 0
+    row = json.loads((tmp_path / "report.json").read_text())["tables"]["constant"][0]
     commands = {r["seed"]: r["eval"] for r in row["runs"]}
     assert commands[1] is None
     assert shlex.split(commands[0]) == ["deeplab-dropout-eval", str((tmp_path / kept).resolve())]

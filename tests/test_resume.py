@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL, TINY, tiny_cfg
+from test_train import assert_same_outputs
 
 from deeplab_dropout import results as results_mod
 from deeplab_dropout import train as train_mod
@@ -74,6 +75,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_numbers(voc_root, tmp_pat
     best = load_checkpoint(run_dir / BEST)
     assert best["epoch"] == res["best_epoch"] and best["metrics"] == res["best"]
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    assert_same_outputs(straight, run_dir)  # per_image.npz and predictions/ too
 
 
 def test_kill_between_last_and_best_writes_repairs_best_on_resume(voc_root, tmp_path, monkeypatch):

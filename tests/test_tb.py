@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from deeplab_dropout.data.voc import VOC_PALETTE
-from deeplab_dropout.tb import colorize, overlay, strip
+from deeplab_dropout.tb import CAPTION_HEIGHT, colorize, overlay, strip
 
 
 def test_colorize_uses_the_voc_palette():
@@ -34,3 +34,22 @@ def test_strip_layout_and_scale():
     assert out.shape == (3, 33 * scale, (3 * 40 + 2 * 4) * scale) and out.dtype == torch.uint8
     big = torch.zeros(3, 300, 40, dtype=torch.uint8)
     assert strip(big, torch.zeros(300, 40), torch.zeros(300, 40)).shape == (3, 300, 3 * 40 + 8)
+
+
+def test_strip_titles_are_a_caption_band_above_each_panel():
+    torch.manual_seed(1)
+    image = torch.randint(0, 256, (3, 33, 40), dtype=torch.uint8)
+    target = torch.randint(0, 21, (33, 40))
+    pred = torch.randint(0, 21, (33, 40))
+    plain = strip(image, target, pred, min_height=100)
+    titled = strip(image, target, pred, min_height=100, titles=("2007_000033", "ground truth", "prediction"))
+    assert titled.shape == (3, plain.shape[1] + CAPTION_HEIGHT, plain.shape[2])
+    assert torch.equal(titled[:, CAPTION_HEIGHT:], plain)  # the strip itself is unchanged below the band
+    band = titled[:, :CAPTION_HEIGHT]
+    ink = (band < 128).all(0)  # dark text on white
+    panel = (40 + 4) * 4  # each panel starts at a multiple of this (×4 enlargement)
+    for i in range(3):
+        assert ink[:, i * panel: i * panel + 40 * 4].sum() > 20, f"no text over panel {i}"
+    assert (band[:, :, -4:] == 255).all() and not ink.all()
+    empty = strip(image, target, pred, min_height=100, titles=("", "", ""))
+    assert (empty[:, :CAPTION_HEIGHT] == 255).all()

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deeplab_dropout import train as train_mod
-from deeplab_dropout.results import RESUME_FREE_KEYS, load_checkpoint
+from deeplab_dropout.results import RESUME_FREE_KEYS, load_checkpoint, read_per_image
 
 REPO = Path(__file__).resolve().parents[1]
 HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "miou", "pixel_acc", "class_iou", "per_image_miou", "lr",
@@ -28,6 +28,16 @@ def read_results(run_dir: Path) -> dict:
 
 def metrics_only(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    """per_image.npz and every predictions/ file of two runs are equal (PNGs byte for byte)."""
+    rec_a, rec_b = read_per_image(a / "per_image.npz"), read_per_image(b / "per_image.npz")
+    assert rec_a.ids == rec_b.ids and rec_a.epoch == rec_b.epoch and (rec_a.counts == rec_b.counts).all()
+    files_a = sorted(p.relative_to(a) for p in (a / "predictions").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in (b / "predictions").rglob("*") if p.is_file())
+    assert files_a == files_b and Path("predictions/index.json") in files_a
+    assert all((a / p).read_bytes() == (b / p).read_bytes() for p in files_a)
 
 
 def test_single_run_leaves_results_tensorboard_checkpoints(voc_root, tmp_path):
@@ -62,7 +72,9 @@ def test_single_run_leaves_results_tensorboard_checkpoints(voc_root, tmp_path):
         assert entry["lr_head"] == pytest.approx(0.07 * (1 - it / max_it) ** 0.9, rel=1e-12)
         assert entry["drop_p"] == pytest.approx(0.2 * min(1.0, it / (2 * steps)), rel=1e-12)
 
-    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    # TensorBoard writes into the run dir itself, so a sweep's runs are listed by their folder names.
+    assert not (tmp_path / "tb").exists()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     ea.Reload()
     tags = ea.Tags()
     for tag in ("train/loss", "val/loss", "val/miou", "val/pixel_acc", "lr", "drop_p"):
@@ -145,6 +157,7 @@ def test_resume_after_interrupt_matches_uninterrupted(voc_root, tmp_path, monkey
     resumed = read_results(tmp_path / "resumed")
     assert resumed["status"] == "completed"
     assert metrics_only(resumed["history"]) == metrics_only(straight["history"])
+    assert_same_outputs(tmp_path / "straight", tmp_path / "resumed")
     a = load_checkpoint(tmp_path / "straight/checkpoints/last.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

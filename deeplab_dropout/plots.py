@@ -1,0 +1,397 @@
+"""The report's figures (ΔmIoU, curves, per-image boxes, class IoU, image sheets), drawn from plain data.
+
+Callers load and aggregate; this module only draws. Every function writes one PNG and returns its Path.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from deeplab_dropout.data.voc import IGNORE_INDEX, VOC_PALETTE  # noqa: E402
+from deeplab_dropout.metrics import SegmentationMetrics  # noqa: E402
+
+DPI = 100
+SHEET_DPI = 80
+MAX_SHEET_ROWS = 30
+TYPE_ORDER = ("chandrop", "dropblock", "uout")
+SITES = ("resnet", "spp", "decoder", "upper", "all")
+# Table 2's cells, longest first so a prefix test picks the full name.
+CELLS = tuple(sorted(["none"] + [f"{s}-{t}" for t in TYPE_ORDER for s in SITES], key=len, reverse=True))
+_FAMILY_CMAP = {"chandrop": "Blues", "dropblock": "Greens", "uout": "Oranges"}
+_SCHEDULE_ORDER = ("constant", "linear")
+_EPOCH_PNG = re.compile(r"epoch_(\d+)\.png")
+
+
+def _save(fig: plt.Figure, out: Path, dpi: int = DPI) -> Path:
+    """Write the figure (parent folders made) and free it; matplotlib keeps open figures alive otherwise."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def _finite(values: Iterable[float | None]) -> list[float]:
+    """The values that are numbers (None and NaN dropped: images with only void pixels have no mIoU)."""
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _type_rank(kind: str) -> int:
+    """Position of a dropout type in the paper's order; unknown types after (``channel`` = chandrop)."""
+    kind = "chandrop" if kind == "channel" else kind
+    return TYPE_ORDER.index(kind) if kind in TYPE_ORDER else len(TYPE_ORDER)
+
+
+def _schedules(names: Iterable[str]) -> list[str]:
+    """Unique schedule names, constant then linear then the rest in first-seen order."""
+    seen = list(dict.fromkeys(names))
+    known = [s for s in _SCHEDULE_ORDER if s in seen]
+    return known + [s for s in seen if s not in known]
+
+
+def cell_colour(label: str, fallback_index: int = 0) -> tuple:
+    """Colour of a run label: a shade of its dropout family when it starts with a Table-2 cell name."""
+    cell = next((c for c in CELLS if label.startswith(c)), None)
+    if cell == "none":
+        return (0.0, 0.0, 0.0, 1.0)
+    if cell is None:
+        return plt.get_cmap("tab10")(fallback_index % 10)
+    site, kind = cell.split("-")
+    return plt.get_cmap(_FAMILY_CMAP[kind])(0.4 + 0.14 * SITES.index(site))
+
+
+# ---- (a) ΔmIoU vs none -------------------------------------------------------------------------------
+
+def _delta_cells(rows: list[dict]) -> list[tuple[str, str]]:
+    """(label, type) on the x axis: grouped by dropout type in the paper's order, given order within."""
+    kind: dict[str, str] = {}
+    for r in rows:
+        kind.setdefault(r["label"], r["type"])  # one x position per label, typed by its first row
+    return sorted(kind.items(), key=lambda c: _type_rank(c[1]))  # stable: given order kept per type
+
+
+def _draw_delta_marker(ax: plt.Axes, x: float, row: dict, colour) -> None:
+    """One schedule's ΔmIoU of one cell with its CI; filled when the CI excludes zero."""
+    delta, ci = row["delta"], row.get("ci")
+    if ci is not None and None not in ci:  # drawn as a capped segment: a CI need not contain its estimate
+        ax.plot([x, x], list(ci), color=colour, lw=1.2, marker="_", ms=7)
+    face = colour if row.get("excludes_zero") else "white"
+    ax.scatter([x], [delta], s=40, facecolors=[face], edgecolors=[colour], zorder=3)
+
+
+def delta_plot(rows: list[dict], out: Path) -> Path:
+    """ΔmIoU vs the ``none`` cell with 95% CIs: cells grouped by type, one marker per schedule per cell."""
+    if not rows:
+        raise ValueError(f"delta_plot: no rows to draw for {out}")
+    for i, r in enumerate(rows):
+        missing = [k for k in ("label", "type", "schedule", "delta") if k not in r]
+        if missing:
+            raise ValueError(f"delta_plot: row {i} ({r.get('label', '?')}) lacks {', '.join(missing)}")
+    cells = _delta_cells(rows)
+    schedules = _schedules(r["schedule"] for r in rows)
+    colours = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(schedules)}
+    width = 0.6 / len(schedules)
+    x_of = {label: i for i, (label, _) in enumerate(cells)}
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(cells) + 2.0), 4.5), layout="constrained")
+    for r in rows:
+        if r.get("delta") is None:
+            continue  # no baseline for this schedule: the label stays on the axis, the marker goes
+        j = schedules.index(r["schedule"])
+        _draw_delta_marker(ax, x_of[r["label"]] + (j - (len(schedules) - 1) / 2) * width, r, colours[r["schedule"]])
+    ax.axhline(0.0, color="grey", lw=0.8)
+    for i in range(1, len(cells)):  # a faint rule between dropout types
+        if cells[i][1] != cells[i - 1][1]:
+            ax.axvline(i - 0.5, color="lightgrey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(cells)), [c[0] for c in cells], rotation=45, ha="right")
+    ax.set_xlim(-0.7, len(cells) - 0.3)
+    ax.set_ylabel("ΔmIoU vs none")
+    ax.set_title("ΔmIoU vs none (95% paired bootstrap CI)")
+    handles = [Line2D([], [], marker="o", ls="", color=colours[s], label=s) for s in schedules]
+    handles.append(Line2D([], [], marker="o", ls="", mfc="grey", mec="grey", label="filled: CI excludes 0"))
+    ax.legend(handles=handles, loc="best", fontsize="small")
+    return _save(fig, out)
+
+
+# ---- (b) validation mIoU curves ----------------------------------------------------------------------
+
+def _mean_curve(seeds: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    """Epoch-wise mean over the seeds that reached each epoch (NaN/None points left out)."""
+    by_epoch: dict[int, list[float]] = {}
+    for series in seeds:
+        for epoch, miou in series:
+            if miou is not None and math.isfinite(miou):
+                by_epoch.setdefault(int(epoch), []).append(float(miou))
+    epochs = sorted(by_epoch)
+    return epochs, [float(np.mean(by_epoch[e])) for e in epochs]
+
+
+def _draw_curves(ax: plt.Axes, label: str, seeds: list, colour) -> Line2D | None:
+    """Thin line per seed when there are several, and a thick mean line; returns the legend handle."""
+    if len(seeds) > 1:
+        for series in seeds:
+            pts = [(e, m) for e, m in series if m is not None and math.isfinite(m)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), color=colour, lw=0.7, alpha=0.45)
+    epochs, mean = _mean_curve(seeds)
+    if not epochs:
+        return None
+    (line,) = ax.plot(epochs, mean, color=colour, lw=2.0, label=label, marker="." if len(epochs) < 3 else None)
+    return line
+
+
+def curves_plot(curves: dict[str, dict[str, list[list[tuple[int, float]]]]], out: Path) -> Path:
+    """Validation mIoU per epoch: one subplot per schedule, one colour per cell (shades of its family)."""
+    if not curves:
+        raise ValueError(f"curves_plot: no curves to draw for {out}")
+    schedules = _schedules(curves)
+    labels = list(dict.fromkeys(lab for s in schedules for lab in curves[s]))
+    colours = {lab: cell_colour(lab, i) for i, lab in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(schedules), figsize=(5.0 * len(schedules) + 2.5, 4.5),
+                             sharey=True, squeeze=False, layout="constrained")
+    handles: dict[str, Line2D] = {}
+    for ax, schedule in zip(axes[0], schedules, strict=True):
+        for label, seeds in curves[schedule].items():
+            line = _draw_curves(ax, label, seeds, colours[label])
+            if line is not None:
+                handles.setdefault(label, line)
+        ax.set_title(f"schedule: {schedule}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("val mIoU")
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small")
+    return _save(fig, out)
+
+
+# ---- (c) per-image mIoU distributions ----------------------------------------------------------------
+
+def _draw_boxes(ax: plt.Axes, dists: dict[str, list[float]]) -> None:
+    """Box per cell, whiskers at min and max (the paper's Worst/Median/Best), mean as a triangle."""
+    labels = list(dists)
+    data = [_finite(dists[lab]) for lab in labels]
+    boxes = ax.boxplot([d if d else [math.nan] for d in data], whis=(0, 100), showmeans=True,
+                       patch_artist=True, widths=0.6, medianprops={"color": "black"})
+    for i, (patch, label) in enumerate(zip(boxes["boxes"], labels, strict=True)):
+        patch.set_facecolor(cell_colour(label, i))
+        patch.set_alpha(0.6)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right")
+
+
+def per_image_plot(dists: dict[str, dict[str, list[float]]], out: Path) -> Path:
+    """Per-image mIoU distribution of every cell as box plots, one subplot per schedule."""
+    if not dists:
+        raise ValueError(f"per_image_plot: no distributions to draw for {out}")
+    schedules = _schedules(dists)
+    n_cells = max(len(dists[s]) for s in schedules)
+    fig, axes = plt.subplots(1, len(schedules), figsize=(max(4.0, 0.5 * n_cells + 1.5) * len(schedules), 4.5),
+                             sharey=True, squeeze=False, layout="constrained")
+    for ax, schedule in zip(axes[0], schedules, strict=True):
+        if dists[schedule]:
+            _draw_boxes(ax, dists[schedule])
+        ax.set_title(f"schedule: {schedule}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("per-image mIoU")
+    return _save(fig, out)
+
+
+# ---- (d) class IoU heat map --------------------------------------------------------------------------
+
+def class_iou_plot(rows: list[tuple[str, list[float | None]]], class_names: list[str], out: Path) -> Path:
+    """Heat map of per-class IoU, cells × classes, colour bar 0..1, None drawn grey."""
+    if not rows:
+        raise ValueError(f"class_iou_plot: no rows to draw for {out}")
+    k = len(class_names)
+    for label, values in rows:
+        if len(values) != k:
+            raise ValueError(f"class_iou_plot: row {label!r} has {len(values)} values, expected {k} classes")
+    grid = np.array([[math.nan if v is None else float(v) for v in values] for _, values in rows])
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    fig, ax = plt.subplots(figsize=(0.5 * k + 3.0, 0.32 * len(rows) + 2.2), layout="constrained")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    if len(rows) <= 25:  # beyond that the numbers no longer fit their cells
+        for (i, j), v in np.ndenumerate(grid):
+            if math.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.5 else "black")
+    ax.set_xticks(range(k), class_names, rotation=60, ha="right")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    fig.colorbar(image, ax=ax, label="IoU")
+    return _save(fig, out)
+
+
+# ---- (5) image sheets --------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or a one-line ValueError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_png(path: Path, label_map: bool) -> np.ndarray:
+    """An RGB (H, W, 3) array, or an (H, W) label map from a palette/greyscale PNG; one-line error if bad."""
+    try:
+        with Image.open(path) as im:
+            if label_map and im.mode not in ("P", "L"):
+                raise ValueError(f"{path}: label map must be a palette PNG, got mode {im.mode}")
+            return np.array(im if label_map else im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read {path}: {type(e).__name__}") from None
+
+
+def _colourise(labels: np.ndarray) -> np.ndarray:
+    """Label map → RGB with the VOC palette (void 255 keeps its cream colour)."""
+    return np.asarray(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)[labels]
+
+
+def _saved_epochs(folder: Path) -> list[int]:
+    """Epochs with a saved prediction in one image folder, ascending."""
+    found = (_EPOCH_PNG.fullmatch(p.name) for p in folder.glob("epoch_*.png"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def panel_epochs(saved: list[int], best: int) -> list[int]:
+    """First, middle and best epoch among ``saved`` (middle = nearest the midpoint), duplicates dropped."""
+    if not saved:
+        return []
+    first = saved[0]
+    best = best if best in saved else min(saved, key=lambda e: (abs(e - best), e))
+    middle = min(saved, key=lambda e: (abs(e - (first + best) / 2), e))
+    return list(dict.fromkeys([first, middle, best]))
+
+
+def _image_miou(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    """Per-image mIoU of a prediction, with the training code's metric (void pixels ignored)."""
+    metrics = SegmentationMetrics(num_classes=num_classes, ignore_index=IGNORE_INDEX)
+    metrics.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(truth.astype(np.int64)))
+    return float(metrics.image_miou[0])
+
+
+def _fmt(miou: float | None) -> str:
+    """mIoU for a title; 'n/a' when it is missing or NaN."""
+    return "n/a" if miou is None or not math.isfinite(miou) else f"{miou:.2f}"
+
+
+def _fixed_row(folder: Path, image_id: str, best: int, num_classes: int) -> list[tuple]:
+    """Panels (kind, array, title) of one fixed image: image, truth, prediction at first/middle/best epoch."""
+    truth = _load_png(folder / "truth.png", label_map=True)
+    panels = [("rgb", _load_png(folder / "image.png", label_map=False), image_id),
+              ("label", truth, "ground truth")]
+    for epoch in panel_epochs(_saved_epochs(folder), best):
+        path = folder / f"epoch_{epoch:03d}.png"
+        pred = _load_png(path, label_map=True)
+        try:
+            miou = _image_miou(pred, truth, num_classes)
+        except ValueError as e:  # shape or label mismatch: say which file
+            raise ValueError(f"{path}: {e}") from None
+        panels.append(("label", pred, f"epoch {epoch} · mIoU {_fmt(miou)}"))
+    return panels
+
+
+def _extreme_panels(pred_dir: Path, which: str, entry: dict, best: int) -> list[tuple]:
+    """Image, truth and best-epoch prediction of the run's best or worst image, titled from index.json."""
+    folder = pred_dir / str(entry["id"])
+    return [("rgb", _load_png(folder / "image.png", label_map=False), f"{which}: {entry['id']}"),
+            ("label", _load_png(folder / "truth.png", label_map=True), "ground truth"),
+            ("label", _load_png(folder / f"epoch_{best:03d}.png", label_map=True),
+             f"epoch {best} · mIoU {_fmt(entry.get('miou'))}")]
+
+
+def _run_heading(label: str, run_dir: Path, best: int) -> str:
+    """Row label: the run's label and, when results.json has it, the dataset mIoU at the best epoch."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return label
+    entry = next((h for h in _read_json(path).get("history", []) if h.get("epoch") == best), {})
+    return f"{label}\nbest epoch {best} · mIoU {_fmt(entry.get('miou'))}"
+
+
+def _run_rows(label: str, run_dir: Path, num_classes: int) -> list[tuple[str, list[tuple]]] | None:
+    """(heading, panels) rows of one run, or None (with a warning on stderr) when it saved no predictions."""
+    pred_dir = Path(run_dir) / "predictions"
+    index_path = pred_dir / "index.json"
+    if not index_path.is_file():
+        print(f"warning: image sheet skips {label!r}: no {index_path}", file=sys.stderr)
+        return None
+    index = _read_json(index_path)
+    best = index.get("best_epoch")
+    if best is None:  # index written before any best epoch: fall back to the run's record
+        best = _read_json(Path(run_dir) / "results.json").get("best_epoch")
+    if not isinstance(best, int):
+        raise ValueError(f"{index_path}: no integer best_epoch")
+    heading = _run_heading(label, Path(run_dir), best)
+    rows = [(heading, _fixed_row(pred_dir / str(i), str(i), best, num_classes)) for i in index.get("fixed", [])]
+    if index.get("best") and index.get("worst"):
+        extremes = _extreme_panels(pred_dir, "best", index["best"], best)
+        rows.append((heading, extremes + _extreme_panels(pred_dir, "worst", index["worst"], best)))
+    return rows
+
+
+def _class_legend(rows: list[tuple[str, list[tuple]]], class_names: list[str]) -> list[Patch]:
+    """Legend patches for the classes (and void) present in the label maps shown."""
+    present = set()
+    for _, panels in rows:
+        for kind, array, _ in panels:
+            if kind == "label":
+                present.update(int(v) for v in np.unique(array))
+    palette = np.asarray(VOC_PALETTE, dtype=float).reshape(256, 3) / 255
+    names = {c: (class_names[c] if c < len(class_names) else str(c)) for c in present}
+    names.update({IGNORE_INDEX: "void"} if IGNORE_INDEX in present else {})
+    return [Patch(facecolor=palette[c], edgecolor="grey", label=names[c]) for c in sorted(present)]
+
+
+def _draw_sheet(rows: list[tuple[str, list[tuple]]], class_names: list[str], out: Path) -> Path:
+    """Grid of panels, one row per entry, run heading on the left, class legend below."""
+    ncols = max(len(panels) for _, panels in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(2.0 * ncols + 0.8, 2.2 * len(rows) + 0.9),
+                             squeeze=False, layout="constrained")
+    for r, (heading, panels) in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            if c >= len(panels):
+                ax.axis("off")
+                continue
+            kind, array, title = panels[c]
+            ax.imshow(_colourise(array) if kind == "label" else array, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(heading, fontsize=7)
+    legend = _class_legend(rows, class_names)
+    fig.legend(handles=legend, loc="outside lower center", ncol=min(len(legend), 8), fontsize="small")
+    return _save(fig, out, dpi=SHEET_DPI)
+
+
+def image_sheet(runs: list[tuple[str, Path]], out: Path, class_names: list[str]) -> Path:
+    """Paper-style sheet from runs' ``predictions/``: fixed images at first/middle/best epoch, best and worst."""
+    rows: list[tuple[str, list[tuple]]] = []
+    for label, run_dir in runs:
+        run_rows = _run_rows(label, Path(run_dir), len(class_names))
+        if run_rows is not None:
+            rows.extend(run_rows)
+    if not rows:
+        raise ValueError(f"image_sheet: none of {len(runs)} run(s) has predictions/index.json with images")
+    if len(rows) > MAX_SHEET_ROWS:  # keep the PNG a size a report can embed
+        print(f"warning: image sheet shows the first {MAX_SHEET_ROWS} of {len(rows)} rows", file=sys.stderr)
+        rows = rows[:MAX_SHEET_ROWS]
+    return _draw_sheet(rows, class_names, out)

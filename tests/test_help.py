@@ -1,0 +1,102 @@
+"""`--help` of `deeplab-dropout-train` and `deeplab-dropout-eval` (conf/hydra/help/): a description, the
+commands a newcomer needs and the real config groups, through the real entry points."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deeplab_dropout.results import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT = "----- next help -----"
+# `python -m MODULE FLAG` once per FLAG, in one process per module (each process spends ~4 s importing
+# torch): runpy runs the module as `python -m` does, sys.argv[0] included (Hydra prints it in its flags).
+SCRIPT = f"""
+import runpy, sys
+from hydra.core.global_hydra import GlobalHydra
+module, *flags = sys.argv[1:]
+for flag in flags:
+    sys.argv = ["-m", flag]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:  # Hydra exits 0 after printing a help
+        if e.code:
+            raise
+    GlobalHydra.instance().clear()
+    print({SPLIT!r}, flush=True)
+"""
+CALLS = {"deeplab_dropout.train": ["--help", "-h", "--hydra-help"], "deeplab_dropout.eval": ["--help", "-h"]}
+
+
+@pytest.fixture(scope="module")
+def helps() -> dict[str, str]:
+    """The stdout of every call in CALLS, by name ("train --help"); each process checked to exit 0."""
+    procs = {module: subprocess.Popen([sys.executable, "-c", SCRIPT, module, *flags], cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for module, flags in CALLS.items()}
+    outputs = {}
+    for module, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{module} exited {proc.returncode}: {err}"
+        *texts, rest = out.split(SPLIT + "\n")
+        assert rest == "" and len(texts) == len(CALLS[module]), out
+        command = module.rpartition(".")[2]
+        outputs.update({f"{command} {flag}": text for flag, text in zip(CALLS[module], texts, strict=True)})
+    return outputs
+
+
+def config_groups() -> list[str]:
+    """`group: option, ...` for every app group under conf/, read from the files, as Hydra lists them."""
+    groups = sorted(p for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra")
+    return [f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups]
+
+
+def test_train_help_describes_examples_and_groups(helps):
+    text = helps["train --help"]
+    assert text.startswith("deeplab-dropout-train: train DeepLabv3+")
+    for command in ("deeplab-dropout-train experiment=demo\n",
+                    "deeplab-dropout-train cell=all-chandrop schedule=linear data.root=/data/voc\n",
+                    "deeplab-dropout-train -m 'cell=glob(*)' schedule=constant,linear",
+                    "experiment=paper",
+                    "deeplab-dropout-report outputs/multirun/"):
+        assert command in text
+    for key in ("data.root", "data.fraction", "data.split_method", "model.pretrained", "dropout.p",
+                "dropout.block_size", "schedule.ramp_epochs", "trainer.epochs", "trainer.batch_size",
+                "trainer.device", "trainer.precision", "seed"):
+        assert f"\n  {key} " in text, key
+    for output in ("results.json", "per_image.npz", "predictions/", "checkpoints/", "TensorBoard"):
+        assert output in text
+    assert "--cfg job" in text and "--hydra-help" in text and "--multirun,-m" in text  # Hydra's flags
+
+
+def test_eval_help_describes_usage(helps):
+    text = helps["eval --help"]
+    assert text.startswith("deeplab-dropout-eval: evaluate a trained checkpoint")
+    for command in ("deeplab-dropout-eval RUN_DIR [overrides]\n",
+                    "deeplab-dropout-eval checkpoint=RUN/checkpoints/best.pt\n",
+                    "deeplab-dropout-eval model=torchvision_deeplabv3_resnet101 data.root=/data/voc\n"):
+        assert command in text
+    assert "pretrained-base" in text and "results.json" in text
+    assert "experiment=demo" not in text  # eval's own help, not train's (both override hydra/help)
+
+
+@pytest.mark.parametrize("name", ["train --help", "eval --help"])
+def test_help_lists_the_real_groups_without_boilerplate(helps, name):
+    lines = helps[name].splitlines()
+    groups = config_groups()
+    assert any(g.startswith("cell: ") and "all-chandrop" in g for g in groups)  # the check is not vacuous
+    assert any(g.startswith("dropout: ") and "dropblock" in g for g in groups)
+    start = lines.index(groups[0])
+    assert lines[start:start + len(groups)] == groups
+    assert "powered by hydra" not in helps[name].lower()
+    assert "\nmodel:\n" not in helps[name]  # the config itself is left to --cfg job
+
+
+def test_short_flag_and_hydra_help(helps):
+    assert helps["train -h"] == helps["train --help"]
+    assert helps["eval -h"] == helps["eval --help"]
+    hydra_help = helps["train --hydra-help"]
+    assert hydra_help.startswith("Hydra (") and "hydra/launcher:" in hydra_help

@@ -1,0 +1,319 @@
+"""The report's figures: valid PNGs of the expected size, drawn from the data they are given."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgba
+from PIL import Image
+
+from deeplab_dropout import plots
+from deeplab_dropout.data.voc import VOC_CLASSES, VOC_PALETTE
+
+CLASSES = list(VOC_CLASSES)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Figures as they are saved (still inspectable after plt.close), so tests can read what was drawn."""
+    seen = []
+    real = plots._save
+
+    def spy(fig, out, dpi=plots.DPI):
+        seen.append(fig)
+        return real(fig, out, dpi)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return seen
+
+
+def png(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Check ``path`` is a valid PNG over 10 kB (of ``size`` pixels if given) and return its pixels."""
+    assert path.is_file() and path.stat().st_size > 10_000
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        if size is not None:
+            assert im.size == size
+        return np.asarray(im.convert("RGB"))
+
+
+def inches(fig, dpi: int = plots.DPI) -> tuple[int, int]:
+    """Pixel size a figure saves to (figsize × dpi), for comparison with the PNG."""
+    w, h = fig.get_size_inches()
+    return round(w * dpi), round(h * dpi)
+
+
+# ---- (a) delta plot ----------------------------------------------------------------------------------
+
+def delta_rows() -> list[dict]:
+    """Five cells (one of an unknown type) × two schedules, in a scrambled type order."""
+    rows = []
+    cells = [("mystery-cell", "mystery"), ("spp-uout", "uout"), ("all-chandrop", "chandrop"),
+             ("resnet-dropblock", "dropblock"), ("spp-chandrop", "chandrop")]
+    for i, (label, kind) in enumerate(cells):
+        for j, schedule in enumerate(("linear", "constant")):
+            d = 0.01 * (i - 2) + 0.005 * j
+            rows.append({"label": label, "type": kind, "schedule": schedule, "delta": d,
+                         "ci": [d - 0.01, d + 0.01], "excludes_zero": abs(d) > 0.01})
+    return rows
+
+
+def test_delta_plot_groups_cells_by_type_and_fills_significant_markers(tmp_path, figures):
+    rows = delta_rows()
+    out = plots.delta_plot(rows, tmp_path / "sub" / "delta.png")
+    assert out == tmp_path / "sub" / "delta.png"
+    (fig,) = figures
+    png(out, inches(fig))
+    ax = fig.axes[0]
+    # chandrop, dropblock, uout, then unknown types; given order kept within a type.
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "all-chandrop", "spp-chandrop", "resnet-dropblock", "spp-uout", "mystery-cell"]
+    assert ax.get_title() == "ΔmIoU vs none (95% paired bootstrap CI)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["constant", "linear"]
+    markers = [c for c in ax.collections if c.get_offsets().shape == (1, 2)]  # errorbars are LineCollections
+    assert len(markers) == len(rows)
+    for m in markers:
+        y = m.get_offsets()[0, 1]
+        filled = not np.allclose(m.get_facecolors()[0], to_rgba("white"))
+        assert filled == (abs(y) > 0.01)
+    assert any(np.allclose(line.get_ydata(), 0.0) for line in ax.lines)  # the zero line
+
+
+def test_delta_plot_changes_with_one_value_and_skips_missing_baseline(tmp_path, figures):
+    rows = delta_rows()
+    a = png(plots.delta_plot(rows, tmp_path / "a.png"))
+    rows[3] = {**rows[3], "delta": rows[3]["delta"] + 0.02}
+    b = png(plots.delta_plot(rows, tmp_path / "b.png"))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    rows[0] = {**rows[0], "delta": None, "ci": None}
+    rows[1] = {**rows[1], "ci": None}
+    plots.delta_plot(rows, tmp_path / "c.png")
+    ax = figures[-1].axes[0]
+    assert "mystery-cell" in [t.get_text() for t in ax.get_xticklabels()]  # label kept, marker gone
+    assert len([c for c in ax.collections if c.get_offsets().shape == (1, 2)]) == len(rows) - 1
+    with pytest.raises(ValueError, match="no rows"):
+        plots.delta_plot([], tmp_path / "d.png")
+
+
+# ---- (b) curves --------------------------------------------------------------------------------------
+
+def curves() -> dict:
+    """Two schedules; one cell with three seeds (a NaN point, a shorter seed), one label outside Table 2."""
+    seeds = [[(1, 0.10), (2, 0.20), (3, 0.30)], [(1, 0.20), (2, 0.40), (3, math.nan)], [(1, 0.60), (2, 0.30)]]
+    return {"linear": {"all-chandrop": seeds, "none": [[(1, 0.2), (2, 0.25), (3, 0.3)]]},
+            "constant": {"spp-uout": [[(1, 0.15), (2, 0.2)]], "my-run": [[(1, 0.05), (2, None)]]}}
+
+
+def test_curves_plot_one_subplot_per_schedule_with_seed_mean_and_family_colours(tmp_path, figures):
+    out = plots.curves_plot(curves(), tmp_path / "curves.png")
+    (fig,) = figures
+    png(out, inches(fig))
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["schedule: constant", "schedule: linear"]
+    lines = {line.get_label(): line for line in axes[1].lines if not line.get_label().startswith("_")}
+    mean = lines["all-chandrop"]
+    assert list(mean.get_xdata()) == [1, 2, 3]
+    # Mean over the seeds that have a (finite) value at each epoch.
+    np.testing.assert_allclose(mean.get_ydata(), [0.3, 0.3, 0.3])  # epoch 1: mean, not median (0.2)
+    thin = [line for line in axes[1].lines if line.get_label().startswith("_")]
+    assert len(thin) == 3 and all(line.get_linewidth() < mean.get_linewidth() for line in thin)
+    r, g, b, _ = mean.get_color()
+    assert b > r  # chandrop family: blues
+    r, g, b, _ = [line for line in axes[0].lines if line.get_label() == "spp-uout"][0].get_color()
+    assert r > b  # uout family: oranges
+    assert to_rgba(lines["none"].get_color()) == (0, 0, 0, 1)
+    legend = fig.legends[0]
+    assert sorted(t.get_text() for t in legend.get_texts()) == ["all-chandrop", "my-run", "none", "spp-uout"]
+
+
+def test_curves_plot_changes_with_one_value(tmp_path):
+    data = curves()
+    a = png(plots.curves_plot(data, tmp_path / "a.png"))
+    data["linear"]["none"][0][1] = (2, 0.6)
+    b = png(plots.curves_plot(data, tmp_path / "b.png"))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+# ---- (c) per-image distributions ---------------------------------------------------------------------
+
+def test_per_image_plot_whiskers_at_min_and_max_and_changes_with_data(tmp_path, figures):
+    rng = np.random.default_rng(0)
+    # A tight bulk and two far points: Tukey whiskers (1.5 IQR) would leave them as fliers.
+    values = (rng.uniform(0.5, 0.55, 50).tolist() + [0.02, 0.97])
+    dists = {"constant": {"none": values, "all-uout": [0.5, math.nan, 0.7, 0.2], "empty": []},
+             "linear": {"none": values[:10]}}
+    out = plots.per_image_plot(dists, tmp_path / "dist.png")
+    fig = figures[-1]
+    png(out, inches(fig))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "all-uout", "empty"]
+    assert all(t.get_rotation() == 45 for t in ax.get_xticklabels())
+    # Whiskers, caps, boxes and medians are drawn lines; fliers and means are markers only.
+    ends = np.concatenate([line.get_ydata() for line in ax.lines if line.get_linestyle() != "None"])
+    assert np.isclose(ends, min(values)).any() and np.isclose(ends, max(values)).any()
+    assert np.isclose(ends, 0.2).any() and np.isclose(ends, 0.7).any()  # NaN left out, not a whisker
+    a = png(out)
+    dists["constant"]["none"] = values[:-1] + [0.01]
+    b = png(plots.per_image_plot(dists, tmp_path / "b.png"))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+# ---- (d) class IoU heat map --------------------------------------------------------------------------
+
+def iou_rows(n: int) -> list[tuple[str, list]]:
+    """``n`` rows of random class IoUs, one of them None."""
+    rng = np.random.default_rng(n)
+    rows = [(f"cell-{i}", rng.uniform(0, 1, len(CLASSES)).tolist()) for i in range(n)]
+    rows[0][1][5] = None
+    return rows
+
+
+def test_class_iou_plot_annotates_greys_missing_and_changes_with_data(tmp_path, figures):
+    rows = iou_rows(4)
+    out = plots.class_iou_plot(rows, CLASSES, tmp_path / "iou.png")
+    fig = figures[-1]
+    a = png(out, inches(fig))
+    ax = fig.axes[0]
+    assert len(ax.texts) == 4 * len(CLASSES) - 1  # one number per known value
+    assert ax.images[0].get_clim() == (0.0, 1.0)
+    assert (a == 211).all(axis=-1).any()  # the None cell in lightgrey (211, 211, 211)
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+    rows[2][1][7] = 1.0 - rows[2][1][7]
+    b = png(plots.class_iou_plot(rows, CLASSES, tmp_path / "b.png"))
+    assert not np.array_equal(a, b)
+    plots.class_iou_plot(iou_rows(26), CLASSES, tmp_path / "many.png")
+    assert not figures[-1].axes[0].texts  # too many rows to annotate
+
+
+def test_class_iou_plot_rejects_a_row_of_the_wrong_length(tmp_path):
+    with pytest.raises(ValueError, match="row 'cell-1' has 3 values, expected 21"):
+        plots.class_iou_plot([("cell-0", [0.1] * 21), ("cell-1", [0.1] * 3)], CLASSES, tmp_path / "x.png")
+
+
+# ---- (5) image sheets --------------------------------------------------------------------------------
+
+def save_label(path: Path, labels: np.ndarray) -> None:
+    """Write a label map as a palette PNG with the VOC palette, as the trainer does."""
+    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    im.putpalette(VOC_PALETTE)
+    im.save(path)
+
+
+def truth_map(seed: int) -> np.ndarray:
+    """A 48×48 label map: background, a person box with a void edge."""
+    truth = np.zeros((48, 48), np.uint8)
+    truth[10:30, 8 + seed:28 + seed] = 15  # person
+    truth[10:30, 8 + seed] = 255  # void border
+    return truth
+
+
+def pred_map(truth: np.ndarray, epoch: int) -> np.ndarray:
+    """A prediction that differs from the truth differently at each epoch (and adds a cow)."""
+    pred = np.where(truth == 255, 0, truth).astype(np.uint8)
+    pred[:epoch * 4, :] = 0  # later epochs wrong differently
+    pred[40:, :6 * epoch] = 10  # cow
+    return pred
+
+
+def make_run(root: Path, name: str, epochs: list[int], best: int) -> Path:
+    """A run directory with predictions/ (two fixed images, a best and a worst) and results.json."""
+    run = root / name
+    pred_dir = run / "predictions"
+    rng = np.random.default_rng(len(name))
+    ids = ["2007_000033", "2007_000042", "2007_000061", "2007_000099"]
+    for n, image_id in enumerate(ids):
+        folder = pred_dir / image_id
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / "image.png")
+        truth = truth_map(n)
+        save_label(folder / "truth.png", truth)
+        for e in (epochs if n < 2 else [best]):  # fixed images every epoch, best/worst at best epochs
+            save_label(folder / f"epoch_{e:03d}.png", pred_map(truth, e))
+    index = {"fixed": ids[:2], "best_epoch": best, "best": {"id": ids[2], "miou": 0.91},
+             "worst": {"id": ids[3], "miou": 0.12}}
+    (pred_dir / "index.json").write_text(json.dumps(index))
+    history = [{"epoch": e, "miou": 0.1 * e} for e in epochs]
+    (run / "results.json").write_text(json.dumps({"history": history, "best_epoch": best}))
+    return run
+
+
+def brute_miou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """mIoU over the classes in truth or prediction, void pixels left out, counted pixel by pixel."""
+    valid = truth != 255
+    ious = []
+    for c in set(truth[valid].tolist()) | set(pred[valid].tolist()):
+        inter = np.sum(valid & (pred == c) & (truth == c))
+        union = np.sum(valid & ((pred == c) | (truth == c)))
+        ious.append(inter / union)
+    return float(np.mean(ious))
+
+
+@pytest.mark.parametrize(("saved", "best", "expected"), [
+    ([1, 2, 3, 4, 5], 4, [1, 2, 4]),  # midpoint 2.5: tie, the earlier epoch
+    ([1, 3, 5, 8], 8, [1, 5, 8]),     # midpoint 4.5 → 5
+    ([1, 2, 3], 1, [1]),              # all three coincide
+    ([1, 2], 2, [1, 2]),
+    ([2, 4, 6], 5, [2, 4]),           # best not saved: nearest saved epoch, earlier on a tie
+    ([], 3, []),
+])
+def test_panel_epochs_first_middle_best(saved, best, expected):
+    assert plots.panel_epochs(saved, best) == expected
+
+
+def test_image_sheet_panels_titles_and_legend(tmp_path, figures):
+    runs = [("all-chandrop", make_run(tmp_path, "a", [1, 2, 3, 4, 5], 4)),
+            ("none", make_run(tmp_path, "b", [1, 2, 3], 3))]
+    out = plots.image_sheet(runs, tmp_path / "sheet.png", CLASSES)
+    fig = figures[-1]
+    png(out, inches(fig, plots.SHEET_DPI))
+    titles = [ax.get_title() for ax in fig.axes]
+    truth = truth_map(0)
+    for e in (1, 2, 4):  # run a: first, middle, best
+        assert f"epoch {e} · mIoU {brute_miou(pred_map(truth, e), truth):.2f}" in titles
+    assert "epoch 3 · mIoU" not in " ".join(titles[:6])
+    assert titles.count("2007_000033") == 2 and titles.count("ground truth") == 2 * (2 + 2)
+    assert "best: 2007_000061" in titles and "epoch 4 · mIoU 0.91" in titles and "epoch 3 · mIoU 0.12" in titles
+    assert fig.axes[0].get_ylabel() == "all-chandrop\nbest epoch 4 · mIoU 0.40"
+    assert len(fig.axes) == 6 * (3 + 3)  # per run: 2 fixed rows + 1 best/worst row, 6 columns
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["background", "cow", "person", "void"]
+
+
+def test_image_sheet_changes_with_a_prediction_and_skips_runs_without_predictions(tmp_path, capsys):
+    run = make_run(tmp_path, "a", [1, 2, 3], 3)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    runs = [("all-uout", run), ("bare-run", bare)]
+    a = png(plots.image_sheet(runs, tmp_path / "a.png", CLASSES))
+    assert "bare-run" in capsys.readouterr().err
+    save_label(run / "predictions" / "2007_000033" / "epoch_002.png", np.full((48, 48), 15, np.uint8))
+    b = png(plots.image_sheet(runs, tmp_path / "b.png", CLASSES))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="none of 2 run"):
+        plots.image_sheet([("bare-run", bare), ("gone", tmp_path / "gone")], tmp_path / "c.png", CLASSES)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "gone" in err[1]
+
+
+def test_image_sheet_names_a_broken_file(tmp_path):
+    run = make_run(tmp_path, "a", [1, 2], 2)
+    (run / "predictions" / "2007_000042" / "truth.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"2007_000042.truth\.png"):
+        plots.image_sheet([("x", run)], tmp_path / "s.png", CLASSES)
+    save_label(run / "predictions" / "2007_000042" / "truth.png", truth_map(1))
+    save_label(run / "predictions" / "2007_000042" / "epoch_001.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"2007_000042.epoch_001\.png: pred shape"):
+        plots.image_sheet([("x", run)], tmp_path / "s.png", CLASSES)
+
+
+def test_delta_plot_names_a_row_with_missing_keys(tmp_path):
+    rows = delta_rows()
+    del rows[2]["schedule"]
+    with pytest.raises(ValueError, match=r"row 2 \(spp-uout\) lacks schedule"):
+        plots.delta_plot(rows, tmp_path / "x.png")
