@@ -80,7 +80,12 @@ def test_eval_help_describes_usage(helps):
                     "deeplab-dropout-eval model=torchvision_deeplabv3_resnet101 data.root=/data/voc\n"):
         assert command in text
     assert "pretrained-base" in text and "results.json" in text
-    assert "experiment=demo" not in text  # eval's own help, not train's (both override hydra/help)
+    assert "== Keys most often overridden" not in text  # eval's own help, not train's (both override hydra/help)
+    # A newcomer who starts here learns the demo and the study's commands too.
+    for command in ("deeplab-dropout-train experiment=demo\n", "deeplab-dropout-eval outputs/demo/cell=none\n",
+                    "deeplab-dropout-train cell=all-chandrop schedule=linear data.root=/data/voc\n",
+                    "deeplab-dropout-train -m 'cell=glob(*)' schedule=constant,linear data.root=/data/voc\n"):
+        assert command in text
 
 
 @pytest.mark.parametrize("name", ["train --help", "eval --help"])

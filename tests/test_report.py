@@ -17,7 +17,7 @@ import pytest
 from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from deeplab_dropout.report import TABLE2_ORDER, experiment_key, load_runs, main, summarize
+from deeplab_dropout.report import TABLE2_ORDER, ReportCallback, experiment_key, load_runs, main, summarize
 from deeplab_dropout.results import write_json
 
 PAPER_COLUMNS = ["Experiment", "runs", "Mean mIoU", "Std.", "Worst mIoU", "Med. mIoU", "Best mIoU", "Loss",
@@ -235,3 +235,24 @@ def test_each_run_with_a_best_checkpoint_gets_a_pasteable_eval_command(tmp_path,
     assert commands[1] is None
     assert shlex.split(commands[0]) == ["deeplab-dropout-eval", str((tmp_path / kept).resolve())]
     assert f"- spp-uout, seed 0: `{commands[0]}`" in capsys.readouterr().out
+
+
+def test_help_says_what_it_reads_and_writes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: deeplab-dropout-report")
+    for name in ("results.json", "per_image.npz", "report.md", "report.csv", "report.json", "delta_vs_none.png",
+                 "sheet_<type>_<schedule>.png", "deeplab-dropout-report outputs/demo", "--n-boot", "--sheets"):
+        assert name in out, name
+
+
+def test_bad_report_options_fail_in_one_line(tmp_path, capsys):
+    fake_run(tmp_path, ["cell=spp-uout"], 0, 0.5)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--n-boot", "0"])
+    assert exit_info.value.code == 2 and "--n-boot=0 is invalid" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"sheets=\['blocks'\], n_boot=2000 is invalid"):
+        ReportCallback(sheets=["blocks"])
+    assert not (tmp_path / "report.md").exists()
