@@ -20,11 +20,20 @@ BACKBONES: dict[str, tuple[list[int], bool]] = {
     "resnet101": ([3, 4, 23, 3], True),
     "resnet152": ([3, 8, 36, 3], True),
 }
-ARCHS = ("deeplabv3plus", "torchvision_deeplabv3")
+NET_ARCHS = ("fcn", "unet", "fpn")  # built by deeplab_dropout.nets (model=fcn_resnet101 | unet | fpn_resnet101)
+ARCHS = ("deeplabv3plus", "torchvision_deeplabv3", *NET_ARCHS)
+# The Table 2 parts (placement words) each architecture has regulariser sites for (README "Models and sites").
+ARCH_PARTS = {"deeplabv3plus": ("resnet", "spp", "decoder"), "torchvision_deeplabv3": (),
+              "fcn": ("resnet", "decoder"), "unet": ("resnet", "spp", "decoder"), "fpn": ("resnet", "spp", "decoder")}
+PLACEMENT_PARTS = {"none": (), "resnet": ("resnet",), "spp": ("spp",), "decoder": ("decoder",),
+                   "upper": ("spp", "decoder"), "all": ("resnet", "spp", "decoder")}
+# Named weights per architecture (besides a file; the U-Net takes none: random init only).
+PRETRAINED = {"deeplabv3plus": ("imagenet", "none"), "torchvision_deeplabv3": ("coco_with_voc_labels", "none"),
+              "fcn": ("imagenet", "coco_with_voc_labels", "none"), "unet": ("none",), "fpn": ("imagenet", "none")}
 OUTPUT_STRIDES = (8, 16)
 POOL_NORMS = ("bn", "none")
 DROPOUT_NAMES = ("none", "channel", "dropblock", "uout")
-RESNET_SITES = ("blocks", "stages", "first_block")
+RESNET_SITES = ("blocks", "blocks_and_skips", "stages", "first_block")
 SPP_SITES = ("output", "branches")
 RESNET_STAGES = (1, 2, 3, 4)
 SCHEDULE_NAMES = ("constant", "linear")
@@ -33,6 +42,9 @@ SPLIT_METHODS = ("per_class", "authors", "min_cover")
 VAL_CROPS = ("center", "full")
 LOSSES = ("ce",)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EVAL_PRECISIONS = ("fp32", "same")
+DATA_CACHES = ("auto", "ram", "off")
+VAL_CACHES = ("auto", "ram", "device", "off")
 MONITORS = ("miou", "pixel_acc", "per_image_miou_mean")
 RESUME = ("auto", "never")
 
@@ -109,19 +121,60 @@ def _torchvision_deeplabv3(cfg: DictConfig) -> None:
                           "dropout=none (cell=none)")
 
 
+def _placement_exists(cfg: DictConfig) -> None:
+    """A placement needs sites in the model (FCN has no context module, so no spp sites)."""
+    m, pl = cfg.model, cfg.placement
+    have = ARCH_PARTS[m.arch]
+    missing = [part for part in ("resnet", "spp", "decoder") if pl[part] and part not in have]
+    if cfg.dropout.name != "none" and missing:
+        valid = [name for name, parts in PLACEMENT_PARTS.items() if set(parts) <= set(have)]
+        raise ConfigError(f"model={m.name} has no {' or '.join(missing)} sites (placement.{missing[0]}=true); "
+                          f"valid placements for it: {', '.join(valid)}")
+
+
+def _net(cfg: DictConfig) -> None:
+    """FCN, U-Net and FPN (deeplab_dropout.nets): their own keys and the sites they have."""
+    m, pl = cfg.model, cfg.placement
+    if m.arch == "fcn":
+        _check_bool("model.freeze_backbone", m.freeze_backbone)
+        if m.pretrained == "coco_with_voc_labels" and (m.backbone != "resnet101" or m.num_classes != 21):
+            raise ConfigError(f"model.pretrained=coco_with_voc_labels is torchvision's fcn_resnet101 with 21 "
+                              f"classes, got model.backbone={m.backbone}, model.num_classes={m.num_classes}")
+    elif m.arch == "unet":
+        _number("model.unet_base_channels", m.unet_base_channels, 1, integer=True)
+    else:
+        _number("model.fpn_channels", m.fpn_channels, 1, integer=True)
+        _number("model.head_channels", m.head_channels, 1, integer=True)
+    _placement_exists(cfg)
+    if cfg.dropout.name == "none":
+        return
+    if m.arch != "fcn" and pl.spp and pl.spp_sites != "output":
+        raise ConfigError(f"placement.spp_sites={pl.spp_sites} is invalid for model={m.name}: expected output "
+                          f"(it has no ASPP branches)")
+    if m.arch == "unet" and pl.resnet and pl.resnet_sites not in ("blocks", "stages"):
+        raise ConfigError(f"placement.resnet_sites={pl.resnet_sites} is invalid for model={m.name}: expected "
+                          f"blocks or stages (both: after each encoder level)")
+
+
 def _model(cfg: DictConfig) -> None:
     m = cfg.model
-    _one_of("model.output_stride", m.output_stride, OUTPUT_STRIDES)
     _one_of("model.arch", m.arch, ARCHS)
-    named = ("coco_with_voc_labels", "none") if m.arch == "torchvision_deeplabv3" else ("imagenet", "none")
+    if m.arch != "unet":  # the U-Net has no ResNet (model.backbone: none)
+        _one_of("model.backbone", m.backbone, BACKBONES)
+    _one_of("model.output_stride", m.output_stride, OUTPUT_STRIDES)
+    named = PRETRAINED[m.arch]
+    if m.arch == "unet" and m.pretrained not in named:
+        raise invalid("model.pretrained", m.pretrained, "none (model.arch=unet is trained from random init)")
     if m.pretrained not in named and not Path(str(m.pretrained)).expanduser().is_file():
         raise invalid("model.pretrained", m.pretrained, f"{', '.join(named)} or an existing file")
     _number("model.num_classes", m.num_classes, 2, integer=True)
     _one_of("model.pool_norm", m.pool_norm, POOL_NORMS)
     if m.arch == "deeplabv3plus":
         _multi_grid(m)
-    else:
+    elif m.arch == "torchvision_deeplabv3":
         _torchvision_deeplabv3(cfg)
+    else:
+        _net(cfg)
 
 
 def _data(d: DictConfig) -> None:
@@ -139,11 +192,15 @@ def _data(d: DictConfig) -> None:
         raise invalid("data.blur_radius", list(d.blur_radius), "[min, max] with 0 <= min <= max")
     _number("data.flip_p", d.flip_p, 0, 1)
     _number("data.blur_p", d.blur_p, 0, 1)
+    _one_of("data.cache", d.cache, DATA_CACHES)
+    _one_of("data.val_cache", d.val_cache, VAL_CACHES)
 
 
 def _dropout_and_schedule(cfg: DictConfig) -> None:
     _number("dropout.p", cfg.dropout.p, 0, 1, high_open=True)
     _number("dropout.block_size", cfg.dropout.block_size, 1, integer=True)
+    # 0 < scale <= 1: the DropBlock paper divides gamma by 4 in group 3 (0.25); 0 would silence the stage.
+    _number("dropout.group3_gamma_scale", cfg.dropout.get("group3_gamma_scale", 1.0), 0, 1, low_open=True)
     s = cfg.schedule
     _one_of("schedule.name", s.name, SCHEDULE_NAMES)
     _one_of("schedule.granularity", s.granularity, GRANULARITIES)
@@ -175,16 +232,22 @@ def _trainer(cfg: DictConfig) -> None:
         raise ConfigError("trainer.batch_size=1 is invalid with model.pool_norm=bn: the image-pooling BatchNorm "
                           "sees one value per channel in training; use a batch of 2 or more, or model.pool_norm=none")
     _number("trainer.val_batch_size", t.val_batch_size, 1, integer=True)
-    _number("trainer.num_workers", t.num_workers, 0, integer=True)
+    w = t.num_workers
+    if w != "auto" and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
+        raise invalid("trainer.num_workers", w, "auto or an integer in [0, inf)")
     _number("trainer.eval_every", t.eval_every, 1, integer=True)
+    _number("trainer.checkpoint_every", t.checkpoint_every, 1, integer=True)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(t.device)):
         raise invalid("trainer.device", t.device, "auto, cpu, cuda or cuda:N")
     _one_of("trainer.precision", t.precision, PRECISIONS)
+    _one_of("trainer.eval_precision", t.eval_precision, EVAL_PRECISIONS)
     _one_of("trainer.channels_last", t.channels_last, ("auto", True, False))
     _one_of("trainer.monitor", t.monitor, MONITORS)
     _one_of("trainer.resume", t.resume, RESUME)
     _one_of("trainer.progress", t.progress, ("auto", True, False))
-    for key in ("rerun", "keep_last"):
+    if not isinstance(t.compile_backend, str) or not t.compile_backend:
+        raise invalid("trainer.compile_backend", t.compile_backend, "a torch.compile backend name, e.g. inductor")
+    for key in ("rerun", "keep_last", "compile"):
         _check_bool(f"trainer.{key}", t[key])
     for key in ("max_train_steps", "max_val_images"):
         if t[key] is not None:
@@ -193,7 +256,6 @@ def _trainer(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value in a composed train/eval config."""
-    _one_of("model.backbone", cfg.model.backbone, BACKBONES)
     _one_of("dropout.name", cfg.dropout.name, DROPOUT_NAMES)
     _placement(cfg)
     _model(cfg)

@@ -20,12 +20,12 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from deeplab_dropout.config import BACKBONES, ConfigError, one_line, validate
+from deeplab_dropout.config import BACKBONES, NET_ARCHS, ConfigError, one_line, validate
 from deeplab_dropout.regularizers import Regularizer, make_regularizer
 
 __all__ = ["DeepLabV3Plus", "TorchvisionDeepLabV3", "SegmentationModel", "ResNetBackbone", "ImagePooling",
            "build_model", "regularizer_sites", "describe_sites", "cell_name", "placement_name", "make_regularizer",
-           "load_backbone_weights", "BACKBONES"]
+           "in_group3", "scale_group3", "load_backbone_weights", "BACKBONES"]
 
 # Dilation rate of layer2..layer4 per output stride (a stage with rate > 1 drops its stride; layer4's blocks
 # further multiply it by the Multi-Grid), and the ASPP rates that keep the same field of view.
@@ -39,7 +39,8 @@ class _SiteBasicBlock(BasicBlock):
     """torchvision BasicBlock with dilation support and two regulariser slots (same parameters and keys).
 
     ``drop`` regularises the block output; ``branch_drop`` sits in the residual branch after conv2-bn2
-    (the BasicBlock analogue of the authors' conv2-bn2-relu site, since its ReLU comes after the add).
+    (the BasicBlock analogue of the authors' conv2-bn2-relu site, since its ReLU comes after the add);
+    ``skip_drop`` on the skip path (identity or downsample), before the addition.
     """
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
@@ -48,29 +49,34 @@ class _SiteBasicBlock(BasicBlock):
         # torchvision refuses dilation for BasicBlock; dilate both 3x3 convs as Bottleneck does its 3x3.
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, 1, norm_layer)
         _set_dilation(self, dilation)
-        self.branch_drop = nn.Identity()
-        self.drop = nn.Identity()
+        _add_slots(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = self.skip_drop(x if self.downsample is None else self.downsample(x))
         out = self.branch_drop(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
         return self.drop(self.relu(out + identity))
 
 
 class _SiteBottleneck(Bottleneck):
-    """torchvision Bottleneck with two regulariser slots: ``branch_drop`` after conv2-bn2-relu, ``drop``
-    after the block output."""
+    """torchvision Bottleneck with three regulariser slots: ``skip_drop`` on the skip path (before the
+    addition), ``branch_drop`` after conv2-bn2-relu, ``drop`` after the block output."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.branch_drop = nn.Identity()
-        self.drop = nn.Identity()
+        _add_slots(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+        identity = self.skip_drop(x if self.downsample is None else self.downsample(x))
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.branch_drop(self.relu(self.bn2(self.conv2(out))))
         return self.drop(self.relu(self.bn3(self.conv3(out)) + identity))
+
+
+def _add_slots(block: nn.Module) -> None:
+    """The empty regulariser slots of a residual block, registered in forward order (skip path first)."""
+    block.skip_drop = nn.Identity()
+    block.branch_drop = nn.Identity()
+    block.drop = nn.Identity()
 
 
 def _set_dilation(block: nn.Module, rate: int) -> None:
@@ -262,24 +268,46 @@ def regularizer_sites(cfg) -> list[str]:
 
     The one answer to "where does this config put dropout"; build_model places exactly these, in this order.
     """
+    if cfg.model.get("arch") in NET_ARCHS:  # FCN, U-Net, FPN: deeplab_dropout.nets
+        from deeplab_dropout import nets
+
+        return nets.regularizer_sites(cfg)
     pl = cfg.placement
     if cfg.dropout.name == "none":
         return []
-    stages = sorted(int(s) for s in pl.resnet_stages)
-    sites: list[str] = []
-    if pl.resnet:
-        if pl.resnet_sites == "blocks":
-            blocks = BACKBONES[cfg.model.backbone][0]
-            sites += [f"backbone.layer{s}.{j}.drop" for s in stages for j in range(blocks[s - 1])]
-        elif pl.resnet_sites == "stages":
-            sites += [f"backbone.layer{s}_drop" for s in stages]
-        else:
-            sites.append("backbone.layer1.0.branch_drop")
+    sites = _resnet_sites(cfg) if pl.resnet else []
     if pl.spp:
         sites += [f"aspp.branches.{i}.drop" for i in range(5)] if pl.spp_sites == "branches" else ["aspp.drop"]
     if pl.decoder:
         sites += ["decoder.drop1", "decoder.drop2"]
     return sites
+
+
+def _resnet_sites(cfg) -> list[str]:
+    """The backbone sites of ``placement.resnet_sites`` in the selected stages, in forward order."""
+    stages = sorted(int(s) for s in cfg.placement.resnet_stages)
+    how = cfg.placement.resnet_sites
+    if how == "stages":
+        return [f"backbone.layer{s}_drop" for s in stages]
+    if how == "first_block":
+        return ["backbone.layer1.0.branch_drop"]
+    blocks = BACKBONES[cfg.model.backbone][0]
+    # blocks_and_skips: the skip path (before the addition) too, as the DropBlock paper's Figure 4 does.
+    slots = ("skip_drop", "drop") if how == "blocks_and_skips" else ("drop",)
+    return [f"backbone.layer{s}.{j}.{slot}" for s in stages for j in range(blocks[s - 1]) for slot in slots]
+
+
+def in_group3(site: str) -> bool:
+    """Whether a site lies in ResNet group 3 (torchvision's layer3, or right after it): the sites the
+    DropBlock paper gave a 4x smaller gamma."""
+    return any(part in ("layer3", "layer3_drop") for part in site.split("."))
+
+
+def scale_group3(model: nn.Module, scale: float) -> None:
+    """Set ``rate_scale`` (dropout.group3_gamma_scale) on every placed regulariser in group 3."""
+    for name, m in model.named_modules():
+        if isinstance(m, Regularizer) and in_group3(name):
+            m.rate_scale = scale
 
 
 DROPOUT_SHORT = {"channel": "chandrop", "dropblock": "dropblock", "uout": "uout"}
@@ -327,6 +355,8 @@ def describe_sites(model: DeepLabV3Plus) -> str:
         kinds = sorted({repr(regs[n]) for n in names})
         kind = kinds[0] if len(kinds) == 1 else "(" + ", ".join(kinds) + ")"
         shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+        skips = sum(n.endswith(".skip_drop") for n in names)
+        shown += f"; {skips} on skip paths" if skips else ""
         parts.append(f"{part}: {len(names)} x {kind} [{shown}]")
     return "; ".join(parts)
 
@@ -412,6 +442,10 @@ def build_torchvision_deeplabv3(cfg) -> TorchvisionDeepLabV3:
 def build_model(cfg) -> SegmentationModel:
     """The model of a composed config (validated first): cfg.model (architecture, weights), cfg.dropout +
     cfg.placement."""
+    if cfg.model.get("arch") in NET_ARCHS:  # FCN, U-Net, FPN: deeplab_dropout.nets
+        from deeplab_dropout import nets
+
+        return nets.build(cfg)
     validate(cfg)
     m = cfg.model
     if m.arch == "torchvision_deeplabv3":
@@ -420,4 +454,6 @@ def build_model(cfg) -> SegmentationModel:
                           int(m.low_level_channels), tuple(m.multi_grid), m.pool_norm)
     load_backbone_weights(model.backbone, m.pretrained)
     place_regularizers(model, regularizer_sites(cfg), lambda: make_regularizer(cfg.dropout))
+    # .get: configs saved before the key existed (resumed runs, eval of old checkpoints) mean 1.0
+    scale_group3(model, float(cfg.dropout.get("group3_gamma_scale", 1.0)))
     return model

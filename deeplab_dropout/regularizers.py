@@ -2,6 +2,7 @@
 
 Each works on (N, C, H, W) activations of any CNN, is the identity in eval mode and at p = 0, keeps the
 input's dtype and memory format, and draws from torch's global RNG (so ``torch.manual_seed`` fixes it).
+Forward reads p from a 0-dim buffer, so a ``torch.compile``d model follows the ramp without recompiling.
 """
 from __future__ import annotations
 
@@ -9,18 +10,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Regularizer", "ChannelDropout", "DropBlock", "UOut", "make_regularizer"]
+__all__ = ["Regularizer", "ChannelDropout", "DropBlock", "UOut", "block_mask", "make_regularizer"]
 
 
 class Regularizer(nn.Module):
-    """Base of the regularisers: a validated, settable drop probability ``p`` (the ramp changes it per step)."""
+    """Base of the regularisers: a validated, settable drop probability ``p`` (the ramp changes it per step).
 
-    def __init__(self, p: float) -> None:
+    p lives in ``p_tensor``, a 0-dim float32 buffer (not persistent: state dicts are unchanged) that the
+    setter updates in place and forward reads as a tensor, so a ``torch.compile``d model neither bakes p in
+    nor recompiles when it changes; the only Python value forward branches on is whether p > 0.
+    ``rate_scale`` (0 < s <= 1, default 1) multiplies the rate forward uses -- for DropBlock the seed rate
+    gamma, for the others p -- while ``p`` stays the scheduled value (the paper's gamma/4 in group 3).
+    """
+
+    p_tensor: Tensor
+
+    def __init__(self, p: float, rate_scale: float = 1.0) -> None:
         super().__init__()
+        self.register_buffer("p_tensor", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.rate_scale = rate_scale
         self.p = p
 
     @property
     def p(self) -> float:
+        """The drop probability (UOut: noise range) as set, a Python float in [0, 1)."""
         return self._p
 
     @p.setter
@@ -32,13 +45,44 @@ class Regularizer(nn.Module):
         if not 0.0 <= value < 1.0:  # also rejects NaN
             raise ValueError(f"{type(self).__name__}: p must be in [0, 1), got {value}")
         self._p = value
+        self._on = value > 0.0  # the one Python value forward branches on (a guard flips only at p = 0)
+        if self.p_tensor.is_inference() and not torch.is_inference_mode_enabled():
+            # built under inference_mode: its tensors can't be updated in place outside it
+            self.p_tensor = self.p_tensor.clone()
+        with torch.no_grad():
+            self.p_tensor.fill_(value)
+
+    @property
+    def rate_scale(self) -> float:
+        """Multiplier of the rate forward uses, in (0, 1] (dropout.group3_gamma_scale in ResNet group 3)."""
+        return self._rate_scale
+
+    @rate_scale.setter
+    def rate_scale(self, value: float) -> None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 < value <= 1.0
+        if not ok:
+            raise ValueError(f"{type(self).__name__}: rate_scale must be a number in (0, 1], got {value!r}")
+        self._rate_scale = float(value)
 
     def active(self) -> bool:
         """Whether forward changes its input (training and p > 0)."""
-        return self.training and self._p > 0.0
+        return self.training and self._on
+
+    def rate(self, x: Tensor) -> Tensor:
+        """p x rate_scale as a float32 0-dim tensor on x's device (read from the buffer, not from Python)."""
+        r = self.p_tensor.to(device=x.device, dtype=torch.float32)
+        return r * self._rate_scale if self._rate_scale != 1.0 else r
+
+    def _apply(self, fn, *args, **kwargs):
+        # .half() / .to(bfloat16) convert float buffers; p must stay exact float32.
+        super()._apply(fn, *args, **kwargs)
+        if self.p_tensor.dtype != torch.float32:
+            self.p_tensor = torch.tensor(self._p, dtype=torch.float32, device=self.p_tensor.device)
+        return self
 
     def extra_repr(self) -> str:
-        return f"p={self._p:g}"
+        scale = f", rate_scale={self._rate_scale:g}" if self._rate_scale != 1.0 else ""
+        return f"p={self._p:g}{scale}"
 
 
 def _apply_factor(x: Tensor, factor: Tensor) -> Tensor:
@@ -66,36 +110,56 @@ class ChannelDropout(Regularizer):
         if not self.active():
             return x
         _check_input(self, x, 2)
+        keep_prob = 1.0 - self.rate(x)
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        keep = torch.empty(shape, dtype=torch.float32, device=x.device).bernoulli_(1.0 - self._p)
-        return _apply_factor(x, keep / (1.0 - self._p))
+        # rand < q is Bernoulli(q) with q a tensor: no Python float of p enters the graph.
+        keep = (torch.rand(shape, dtype=torch.float32, device=x.device) < keep_prob).float()
+        return _apply_factor(x, keep / keep_prob)
+
+
+def block_mask(seeds: Tensor, block_size: int) -> Tensor:
+    """The dropped set (1 = dropped) of DropBlock from its seeds: (N, C, H-bs+1, W-bs+1) -> (N, C, H, W).
+
+    The seed at valid-region index (u, v) drops rows u..u+bs-1 and columns v..v+bs-1: in map coordinates
+    the seed sits at (u + bs//2, v + bs//2) and its block covers [i - bs//2, i + (bs-1)//2], the anchoring
+    of the paper's TF code (seeds where bs//2 <= i < H - (bs-1)//2, then -max_pool(-mask, 'SAME')), so an
+    even block has one more row/column before its seed than after. Every block is bs x bs and in the map.
+    """
+    pad = block_size - 1
+    # Output position o of the padded max-pool sees seeds u in [o - bs + 1, o], i.e. o in block(u).
+    return F.max_pool2d(F.pad(seeds, [pad] * 4), kernel_size=block_size, stride=1)
 
 
 class DropBlock(Regularizer):
-    """DropBlock (Ghiasi et al. 2018, Algorithm 1): drop bs x bs blocks centred on Bernoulli(gamma) seeds.
+    """DropBlock (Ghiasi et al. 2018, Algorithm 1): drop bs x bs blocks around Bernoulli(gamma) seeds.
 
-    Seeds are drawn only where a whole block fits, one mask per (sample, channel); the block size is clipped
-    to an odd size <= min(H, W) (an even ``block_size`` is used as block_size - 1); kept activations are
-    rescaled by numel / count_kept with the count in float32.
+    Any block_size >= 1, even sizes exact (anchoring: see ``block_mask``); a block larger than the map is
+    clipped to min(H, W). Seeds are drawn only where a whole block fits, one mask per (sample, channel);
+    kept activations are rescaled by numel / count_kept with the count in float32.
     """
 
-    def __init__(self, p: float, block_size: int = 7) -> None:
+    def __init__(self, p: float, block_size: int = 7, rate_scale: float = 1.0) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"DropBlock: block_size must be an integer >= 1, got {block_size!r}")
-        super().__init__(p)
+        super().__init__(p, rate_scale)
         self.block_size = block_size
 
     def effective_block_size(self, height: int, width: int) -> int:
-        """The odd block size actually used on an H x W map."""
-        bs = min(self.block_size, height, width)
-        if bs % 2 == 0:
-            bs -= 1  # odd, so that the block is centred on its seed
-        return max(bs, 1)
+        """The block size used on an H x W map: block_size, clipped to min(H, W)."""
+        return max(1, min(self.block_size, height, width))
+
+    def seed_ratio(self, height: int, width: int) -> float:
+        """gamma / p: H*W / (bs^2 (H-bs+1)(W-bs+1)), Ghiasi et al. eq. (1) with separate H and W."""
+        bs = self.effective_block_size(height, width)
+        return (height * width) / (bs**2 * (height - bs + 1) * (width - bs + 1))
 
     def gamma(self, height: int, width: int) -> float:
-        """Seed probability: p / bs^2 * H*W / ((H-bs+1)(W-bs+1)), Ghiasi et al. eq. (1) with separate H and W."""
-        bs = self.effective_block_size(height, width)
-        return self._p / bs**2 * (height * width) / ((height - bs + 1) * (width - bs + 1))
+        """Seed probability p x rate_scale x seed_ratio (before clipping to 1)."""
+        return self._p * self.rate_scale * self.seed_ratio(height, width)
+
+    def _seeds(self, shape: tuple[int, ...], gamma: Tensor, device: torch.device) -> Tensor:
+        """Bernoulli(gamma) seeds in float32 (a separate method so tests can force a seed)."""
+        return (torch.rand(shape, dtype=torch.float32, device=device) < gamma).float()
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.active():
@@ -104,20 +168,15 @@ class DropBlock(Regularizer):
             raise ValueError(f"DropBlock expects (N, C, H, W) input, got shape {tuple(x.shape)}")
         n, c, h, w = x.shape
         bs = self.effective_block_size(h, w)
-        gamma = min(1.0, self.gamma(h, w))
+        gamma = (self.rate(x) * self.seed_ratio(h, w)).clamp(max=1.0)
         # Mask maths in float32: counts of ones in float16 overflow (torchvision's drop_block2d bug).
-        seeds = torch.empty((n, c, h - bs + 1, w - bs + 1), dtype=torch.float32, device=x.device)
-        seeds.bernoulli_(gamma)
-        half = bs // 2
-        # Padding the valid-region seeds back to H x W centres every block inside the map.
-        dropped = F.max_pool2d(F.pad(seeds, [half] * 4), kernel_size=bs, stride=1, padding=half)
-        keep = 1.0 - dropped
+        keep = 1.0 - block_mask(self._seeds((n, c, h - bs + 1, w - bs + 1), gamma, x.device), bs)
         # clamp: an all-dropped mask gives zeros (0 * numel), not NaN.
         scale = keep.numel() / keep.sum().clamp_min(1.0)
         return _apply_factor(x, keep * scale)
 
     def extra_repr(self) -> str:
-        return f"p={self._p:g}, block_size={self.block_size}"
+        return f"{super().extra_repr()}, block_size={self.block_size}"
 
 
 class UOut(Regularizer):
@@ -126,8 +185,8 @@ class UOut(Regularizer):
     ``shared=True`` draws one r per channel for the whole batch (the study authors' code).
     """
 
-    def __init__(self, p: float, shared: bool = False) -> None:
-        super().__init__(p)
+    def __init__(self, p: float, shared: bool = False, rate_scale: float = 1.0) -> None:
+        super().__init__(p, rate_scale)
         self.shared = bool(shared)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -135,23 +194,22 @@ class UOut(Regularizer):
             return x
         _check_input(self, x, 2)
         shape = (1 if self.shared else x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        r = torch.rand(shape, dtype=torch.float32, device=x.device).mul_(2.0 * self._p).sub_(self._p)
+        r = (torch.rand(shape, dtype=torch.float32, device=x.device) * 2.0 - 1.0) * self.rate(x)
         return _apply_factor(x, 1.0 + r)  # x + x*r as one multiply
 
     def extra_repr(self) -> str:
-        return f"p={self._p:g}, shared={self.shared}"
+        return f"{super().extra_repr()}, shared={self.shared}"
 
 
-def make_regularizer(dropout_cfg) -> Regularizer | None:
+def make_regularizer(dropout_cfg, rate_scale: float = 1.0) -> Regularizer | None:
     """One regulariser from the validated ``dropout`` config group (name, p, block_size, uout_shared); None
-    for 'none'."""
+    for 'none'. ``rate_scale``: see Regularizer (model.py passes dropout.group3_gamma_scale in layer3)."""
     name = dropout_cfg.name
     if name == "none":
         return None
     p = float(dropout_cfg.p)
     if name == "channel":
-        return ChannelDropout(p)
+        return ChannelDropout(p, rate_scale)
     if name == "dropblock":
-        return DropBlock(p, block_size=int(dropout_cfg.block_size))
-    return UOut(p, shared=bool(dropout_cfg.get("uout_shared", False)))
-
+        return DropBlock(p, block_size=int(dropout_cfg.block_size), rate_scale=rate_scale)
+    return UOut(p, shared=bool(dropout_cfg.get("uout_shared", False)), rate_scale=rate_scale)

@@ -289,14 +289,16 @@ def load_run_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config", 
     return saved
 
 
-def save_checkpoints(run_dir: Path, results: RunResults, training: dict, is_best: bool) -> None:
-    """After an epoch: LAST (``training``'s state dicts, the history and config: all that resuming needs)
-    and, at a new best epoch, BEST (the model's weights, config and that epoch's metrics, no optimiser).
+def save_checkpoints(run_dir: Path, results: RunResults, training: dict, is_best: bool,
+                     write_last: bool = True) -> None:
+    """After an epoch: LAST if ``write_last`` (``training``'s state dicts, the history and config: all that
+    resuming needs) and, at a new best epoch, BEST (the model's weights, config and that epoch's metrics).
     LAST goes first: a kill between the two leaves a LAST whose history names the new best, from which
     ``repair_best`` rewrites BEST on resume (the other order would lose the previous best's weights)."""
     epoch = results.history[-1]["epoch"]
-    save_checkpoint(run_dir / LAST, {**training, **_run_record(results), "history": results.history},
-                    before_rename=lambda: kill_point("ckpt", epoch))
+    if write_last:
+        save_checkpoint(run_dir / LAST, {**training, **_run_record(results), "history": results.history},
+                        before_rename=lambda: kill_point("ckpt", epoch))
     if is_best:
         save_best(run_dir, results, training["model"])
 

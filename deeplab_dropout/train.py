@@ -21,11 +21,18 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from deeplab_dropout.config import ConfigError, one_line, validate
 from deeplab_dropout.data import VOCSegmentation, get_datasets
+from deeplab_dropout.data.cache import (
+    CachedValLoader,
+    cache_train,
+    normalize_batch,
+    val_bytes,
+    val_cache_target,
+)
 from deeplab_dropout.data.transforms import denormalize
 from deeplab_dropout.data.voc import DatasetError
 from deeplab_dropout.loss import pixel_loss_sum, reduce_loss
@@ -48,6 +55,7 @@ from deeplab_dropout.results import (
     write_per_image,
     write_prediction,
 )
+from deeplab_dropout.runtime import Runtime, resolve_device, resolve_workers
 from deeplab_dropout.schedules import poly_lr, scheduled_drop_p
 from deeplab_dropout.tb import TBLogger, best_and_worst, pick_tb_images, run_hparams, strip
 
@@ -56,33 +64,12 @@ log = logging.getLogger("deeplab_dropout")
 INPUT_ERRORS = (ConfigError, DatasetError, OSError)
 RESULTS = Path("results.json")  # in the run dir
 VAL_KEYS = ("val_loss", "miou", "pixel_acc", "class_iou", "per_image_miou")  # evaluate's, in results.json
+KEEP_ALL_BYTES = 64 * 2**20  # uint8 label maps kept from an evaluation, at most
+TIMING_KEYS = ("seconds", "data_seconds", "eval_seconds")  # per epoch in results.json; vary run to run
 
 
 class InputError(Exception):
     """Something wrong with the config, data, weights or run dir, found during set-up (one-line message)."""
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how the model runs: trainer.device, trainer.precision and trainer.channels_last resolved."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None  # None: fp32
-    channels_last: bool
-
-    def autocast(self):
-        """Mixed precision in ``amp_dtype`` on the device, or a no-op for fp32."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
-
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` on the device (in channels_last memory format if configured)."""
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
-
-    def __str__(self) -> str:
-        precision = "fp32" if self.amp_dtype is None else str(self.amp_dtype).split(".")[-1]
-        return f"{self.device} ({precision}, channels_last={self.channels_last})"
 
 
 @dataclass
@@ -96,13 +83,14 @@ class RunState:
     train_ds: VOCSegmentation
     val_ds: VOCSegmentation
     train_loader: DataLoader
-    val_loader: DataLoader
+    val_loader: DataLoader | CachedValLoader
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     results: RunResults
     tb_indices: list[int]  # the fixed val images shown in TensorBoard
     start_epoch: int = 0
+    saved_epoch: int = 0  # the epoch of checkpoints/last.pt (0: none yet)
     tb: TBLogger | None = None
 
 
@@ -120,27 +108,6 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def resolve_device(cfg: DictConfig) -> Runtime:
-    """The Runtime of trainer.device/precision/channels_last, ``auto`` resolved for this machine."""
-    name = cfg.trainer.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={cfg.trainer.device!r} is invalid: CUDA is not available here")
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        if device.type != "cuda":
-            precision = "fp32"
-        else:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    channels_last = cfg.trainer.channels_last
-    if channels_last == "auto":
-        channels_last = device.type == "cuda"
-    return Runtime(device, amp_dtype, bool(channels_last))
-
-
 def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.SGD:
     """SGD with two groups: backbone at optim.lr, ASPP + decoder at optim.lr * optim.head_lr_mult."""
     o = cfg.optim
@@ -149,14 +116,24 @@ def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.SGD:
         {"params": list(model.backbone.parameters()), "lr": o.lr, "base_lr": o.lr, "name": "backbone"},
         {"params": head, "lr": o.lr * o.head_lr_mult, "base_lr": o.lr * o.head_lr_mult, "name": "head"},
     ]
-    return torch.optim.SGD(groups, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+    # foreach: one kernel per group instead of one per tensor; the same numbers, bit for bit.
+    return torch.optim.SGD(groups, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
+                           foreach=True)
 
 
 def make_loaders(cfg: DictConfig, train_ds, val_ds, runtime: Runtime) -> tuple[DataLoader, DataLoader]:
-    """The shuffled training loader (its generator is reseeded every epoch) and the val loader."""
+    """The shuffled training loader (its generator is reseeded every epoch) and the val loader; the training
+    images decoded into RAM first if data.cache says so (before any worker forks, so they share them)."""
     t = cfg.trainer
-    train_loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, drop_last=True,
-                              generator=torch.Generator(), num_workers=t.num_workers,
+    if cache_train(train_ds, cfg.data.cache):
+        log.info("data.cache: %d decoded training images in RAM", len(train_ds))
+    workers = resolve_workers(t.num_workers)
+    # Persistent workers read the epoch from the dataset's shared-memory counter (see VOCSegmentation.epoch).
+    # The shuffle has its own generator, reseeded every epoch: a persistent loader draws no new worker seed
+    # from its generator per epoch, so sharing one would make the order depend on the worker count.
+    sampler = RandomSampler(train_ds, generator=torch.Generator())
+    train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, drop_last=True,
+                              generator=torch.Generator(), num_workers=workers, persistent_workers=workers > 0,
                               pin_memory=runtime.device.type == "cuda", worker_init_fn=seed_worker)
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is invalid: larger than the "
@@ -164,12 +141,20 @@ def make_loaders(cfg: DictConfig, train_ds, val_ds, runtime: Runtime) -> tuple[D
     return train_loader, make_val_loader(cfg, val_ds, runtime)
 
 
-def make_val_loader(cfg: DictConfig, val_ds, runtime: Runtime) -> DataLoader:
-    """The val set in order; one image per batch for data.val_crop=full."""
+def make_val_loader(cfg: DictConfig, val_ds, runtime: Runtime) -> DataLoader | CachedValLoader:
+    """The val set in order, cached as uint8 tensors where data.val_cache allows (else a DataLoader); one
+    image per batch for data.val_crop=full."""
     # `full` keeps every image's own size, so those can't be stacked into a batch.
     val_bs = 1 if cfg.data.val_crop == "full" else cfg.trainer.val_batch_size
-    return DataLoader(val_ds, batch_size=val_bs, shuffle=False, num_workers=cfg.trainer.num_workers,
-                      pin_memory=runtime.device.type == "cuda", worker_init_fn=seed_worker)
+    target = val_cache_target(cfg.data.val_cache, val_bytes(val_ds, cfg.data), runtime.device)
+    if target is not None:
+        loader = CachedValLoader(val_ds, cfg.data, val_bs, target)
+        log.info("data.val_cache: %d val images on %s", len(val_ds), target)
+        return loader
+    workers = resolve_workers(cfg.trainer.num_workers)
+    return DataLoader(val_ds, batch_size=val_bs, shuffle=False, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=runtime.device.type == "cuda",
+                      worker_init_fn=seed_worker)
 
 
 def earlier_run(cfg: DictConfig, run_dir: Path) -> RunResults | None:
@@ -210,6 +195,8 @@ def set_up(cfg: DictConfig, run_dir: Path) -> RunState:
         train_ds, val_ds, split = get_datasets(cfg.data, seed=cfg.seed)
         train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, runtime)
         model = runtime.prepare(build_model(cfg))
+        if cfg.trainer.compile:  # in place: state_dict keys and set_drop_p stay those of the model
+            model.compile(backend=cfg.trainer.compile_backend)
         optimizer = make_optimizer(model, cfg)
         scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
         tb_indices = pick_tb_images(cfg, val_ds)
@@ -238,20 +225,24 @@ def resume(state: RunState, saved: dict) -> None:
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scaler.load_state_dict(saved["scaler"])
     state.results.restore(saved["history"])
-    state.start_epoch = saved["epoch"]
+    state.start_epoch = state.saved_epoch = saved["epoch"]
     remove_temp_files(state.run_dir)  # of a write that a kill cut short
     repair_best(state.run_dir, state.results, saved)
     log.info("resuming from %s after epoch %d", state.run_dir / LAST, state.start_epoch)
 
 
-def forward(model: torch.nn.Module, images, targets, runtime: Runtime, ignore_index: int):
-    """Move a batch to the device and run the model; returns (logits, targets on the device, loss summed
-    over valid pixels, their count)."""
+def forward(model: torch.nn.Module, images, targets, runtime: Runtime, ignore_index: int, data_cfg=None,
+            amp: torch.dtype | None | str = "train"):
+    """Move a batch to the device and run the model (autocast ``amp``: the training precision by default);
+    returns (logits, targets on the device, loss summed over valid pixels, their count). uint8 images (the val
+    cache) are normalised on the device with ``data_cfg``'s mean/std."""
     images = images.to(runtime.device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalize_batch(images, data_cfg)
     if runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    targets = targets.to(runtime.device, non_blocking=True)
-    with runtime.autocast():
+    targets = targets.to(runtime.device, non_blocking=True).long()
+    with runtime.autocast(amp):
         logits = model(images)
     loss_sum, n_px = pixel_loss_sum(logits, targets, ignore_index)
     return logits, targets, loss_sum, n_px
@@ -278,7 +269,8 @@ def train_step(state: RunState, images, targets, epoch: int, it: int) -> tuple[f
     loss = reduce_loss(loss_sum, n_px, targets.shape[0], cfg.loss)
     loss_value = loss_sum.item()
     if not math.isfinite(loss_value):
-        last = f"is {LAST}, epoch {epoch}" if epoch > 0 else "does not exist yet"
+        saved = state.saved_epoch
+        last = f"is {LAST}, epoch {saved}" if saved > 0 else "does not exist yet"
         raise FloatingPointError(f"training loss is {loss_value} at epoch {epoch + 1}, iteration {it + 1} "
                                  f"(the last good checkpoint {last})")
     state.optimizer.zero_grad(set_to_none=True)
@@ -296,17 +288,22 @@ def train_one_epoch(state: RunState, epoch: int) -> dict:
     epoch_seed = cfg.seed * 1_000_003 + epoch
     seed_everything(epoch_seed)
     loader.generator.manual_seed(epoch_seed)
+    loader.sampler.generator.manual_seed(epoch_seed)
+    # The draw a fresh loader iterator used to take from a shared generator first: the same order as before.
+    torch.empty((), dtype=torch.int64).random_(generator=loader.sampler.generator)
     state.train_ds.epoch = epoch  # before the loader's workers start (each epoch, with copies of it)
     state.model.train()
     steps = len(loader) if cfg.trainer.max_train_steps is None else min(len(loader), cfg.trainer.max_train_steps)
-    total_loss, total_px, seen = 0.0, 0, 0
+    total_loss, total_px, seen, waited = 0.0, 0, 0, 0.0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", disable=not state.progress,
                leave=False)
     it = epoch * len(loader)
-    for step, (images, targets) in enumerate(loader):
-        if step == steps:
-            break
+    batches = iter(loader)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        images, targets = next(batches)
+        waited += time.perf_counter() - t0  # the loop waiting for input: decode/augment not hidden by workers
         it = epoch * len(loader) + step
         loss_sum, n_px, loss, drop_p = train_step(state, images, targets, epoch, it)
         total_loss += loss_sum
@@ -319,33 +316,51 @@ def train_one_epoch(state: RunState, epoch: int) -> dict:
     # On the configured scale (loss.batch_average divides by trainer.batch_size, every step's batch size).
     return {"train_loss": reduce_loss(total_loss, total_px, cfg.trainer.batch_size, cfg.loss),
             "lr": optimizer.param_groups[0]["lr"], "lr_head": optimizer.param_groups[1]["lr"],
-            "drop_p": drop_p, "iteration": it + 1}
+            "drop_p": drop_p, "iteration": it + 1, "data_seconds": waited}
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: DictConfig, runtime: Runtime,
-             progress: bool = False) -> dict:
+def evaluate(model: torch.nn.Module, loader, cfg: DictConfig, runtime: Runtime, progress: bool = False,
+             keep: tuple[int, ...] | None = ()) -> dict:
     """Whole-val evaluation: dataset mIoU, pixel accuracy, class IoU, per-image mIoU stats, val loss; also
     (not for results.json) ``image_counts``, int64 (N, K, 2) per-image counts of the first N val images
-    (trainer.max_val_images may cut the list), and ``image_miou``."""
+    (trainer.max_val_images may cut the list), ``image_miou``, ``preds`` (the uint8 CPU label maps of the
+    val images ``keep``, None: all) and ``eval_seconds``."""
+    t0 = time.perf_counter()
     model.eval()
     metrics = SegmentationMetrics(cfg.model.num_classes, cfg.data.ignore_index)
     limit = cfg.trainer.max_val_images
-    total_loss, total_px, seen = 0.0, 0, 0
-    for images, targets in tqdm(loader, desc="val", disable=not progress, leave=False):
-        if limit is not None and seen >= limit:
-            break
-        logits, targets, loss_sum, n_px = forward(model, images, targets, runtime, cfg.data.ignore_index)
-        total_loss += loss_sum.item()
-        total_px += n_px
-        metrics.update(logits.argmax(1), targets)
-        seen += targets.shape[0]
+    total_loss, total_px, seen, preds = 0.0, 0, 0, {}
+    with torch.inference_mode():
+        for images, targets in tqdm(loader, desc="val", disable=not progress, leave=False):
+            if limit is not None and seen >= limit:
+                break
+            logits, targets, loss_sum, n_px = forward(model, images, targets, runtime, cfg.data.ignore_index,
+                                                      cfg.data, runtime.eval_amp_dtype)
+            total_loss += loss_sum.item()
+            total_px += n_px
+            pred = logits.argmax(1)
+            metrics.update(pred, targets)
+            wanted = range(seen, seen + len(pred)) if keep is None else [i for i in keep if i - seen in
+                                                                              range(len(pred))]
+            preds.update({i: pred[i - seen].to("cpu", torch.uint8) for i in wanted})
+            seen += targets.shape[0]
     out = metrics.compute()
     # The training loss's scale (whatever the val batch size), so val_loss compares with train_loss.
     out["val_loss"] = reduce_loss(total_loss, total_px, cfg.trainer.batch_size, cfg.loss)
     out["image_miou"] = metrics.image_miou.tolist()
     out["image_counts"] = metrics.image_counts
+    out["preds"] = preds
+    out["eval_seconds"] = time.perf_counter() - t0
     return out
+
+
+def kept_predictions(state: RunState) -> tuple[int, ...] | None:
+    """The val images whose predictions evaluate keeps for predictions/: all of them (no second forward for
+    the best and worst image) when they take at most KEEP_ALL_BYTES, else only the fixed ones."""
+    d = state.cfg.data
+    if d.val_crop == "center" and len(state.val_ds) * d.crop_size ** 2 <= KEEP_ALL_BYTES:
+        return None
+    return tuple(state.tb_indices)
 
 
 def is_eval_epoch(cfg: DictConfig, epoch: int) -> bool:
@@ -365,14 +380,23 @@ class View:
     pred: torch.Tensor
 
 
-@torch.no_grad()
-def predict(state: RunState, index: int) -> View:
-    """Val image ``index`` through the model once (eval mode); the View that both its PNG and strip use."""
-    state.model.eval()
-    image, target = state.val_ds[index]
-    with state.runtime.autocast():
-        pred = state.model(image[None].to(state.runtime.device)).argmax(1)[0].cpu()
-    return View(state.val_ds.ids[index], denormalize(image, state.cfg.data), target, pred)
+@torch.inference_mode()
+def predict(state: RunState, index: int, pred: torch.Tensor | None = None) -> View:
+    """Val image ``index`` with its prediction ``pred`` (kept by evaluate), else through the model once (eval
+    mode, evaluation's precision); the View that both its PNG and strip use."""
+    cfg, runtime = state.cfg, state.runtime
+    if isinstance(state.val_loader, CachedValLoader):
+        image, target = state.val_loader.item(index)  # already uint8: no decode, no de-normalising
+        batch = normalize_batch(image[None].to(runtime.device), cfg.data)
+        target = target.long()
+    else:
+        normalised, target = state.val_ds[index]
+        image, batch = denormalize(normalised, cfg.data), normalised[None].to(runtime.device)
+    if pred is None:
+        state.model.eval()
+        with runtime.eval_autocast():
+            pred = state.model(batch).argmax(1)[0]
+    return View(state.val_ds.ids[index], image, target, pred.to("cpu", torch.int64))
 
 
 def show(state: RunState, tag: str, view: View, epoch: int, miou: float) -> None:
@@ -392,7 +416,7 @@ def view_miou(view: View, cfg: DictConfig) -> float:
 def record_views(state: RunState, epoch: int, ev: dict, is_best: bool) -> None:
     """The fixed val images' predictions at evaluated epoch ``epoch`` (1-based); at a new best epoch also the
     best and worst image's, per_image.npz and predictions/index.json."""
-    fixed = {i: predict(state, i) for i in state.tb_indices}
+    fixed = {i: predict(state, i, ev["preds"].get(i)) for i in state.tb_indices}
     for view in fixed.values():
         show(state, f"val_images/{view.id}", view, epoch, view_miou(view, state.cfg))
     if not is_best:
@@ -403,7 +427,7 @@ def record_views(state: RunState, epoch: int, ev: dict, is_best: bool) -> None:
     image_miou = ev["image_miou"]  # miou_from_counts of these counts
     index = {"fixed": [v.id for v in fixed.values()], "best_epoch": epoch}
     for name, i in zip(("best", "worst"), best_and_worst(image_miou), strict=True):
-        view = fixed[i] if i in fixed else predict(state, i)  # one forward per image and epoch
+        view = fixed[i] if i in fixed else predict(state, i, ev["preds"].get(i))  # at most one forward
         show(state, f"val/{name}_image", view, epoch, image_miou[i])
         state.tb.text(f"val/{name}_image_id", f"{view.id} (mIoU {image_miou[i]:.3f})", epoch)
         index[name] = {"id": view.id, "miou": image_miou[i]}
@@ -417,7 +441,8 @@ def record_epoch(state: RunState, epoch: int, stats: dict, ev: dict | None, seco
     entry = {"epoch": epoch + 1, "train_loss": stats["train_loss"]}
     if ev is not None:
         entry.update({k: ev[k] for k in VAL_KEYS})
-    entry.update({k: stats[k] for k in ("lr", "lr_head", "drop_p", "iteration")}, seconds=seconds)
+    entry.update({k: stats[k] for k in ("lr", "lr_head", "drop_p", "iteration")}, seconds=seconds,
+                 data_seconds=stats["data_seconds"], eval_seconds=ev["eval_seconds"] if ev is not None else 0.0)
     # per_image.npz and predictions/ first, results.json after: a kill between them leaves results.json
     # on the previous best, and the resumed run redoes this epoch and rewrites both.
     is_best = state.results.add_epoch(entry, write=False)
@@ -430,7 +455,11 @@ def record_epoch(state: RunState, epoch: int, stats: dict, ev: dict | None, seco
              _fmt(entry.get("miou")), entry["lr"], entry["drop_p"], entry["seconds"])
     training = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
                 "scaler": state.scaler.state_dict()}
-    save_checkpoints(state.run_dir, state.results, training, is_best)
+    t = state.cfg.trainer
+    # A resume from an older last.pt re-trains the epochs after it, to the same numbers (runs are seeded).
+    write_last = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
+    save_checkpoints(state.run_dir, state.results, training, is_best, write_last)
+    state.saved_epoch = epoch + 1 if write_last else state.saved_epoch
 
 
 def _fmt(x) -> str:
@@ -444,7 +473,8 @@ def run_epoch(state: RunState, epoch: int) -> None:
     ev = None
     if is_eval_epoch(state.cfg, epoch):
         kill_point("eval", epoch + 1)
-        ev = evaluate(state.model, state.val_loader, state.cfg, state.runtime, state.progress)
+        ev = evaluate(state.model, state.val_loader, state.cfg, state.runtime, state.progress,
+                      keep=kept_predictions(state))
     record_epoch(state, epoch, stats, ev, time.perf_counter() - t0)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF_DIR, compose_cfg
 
-from deeplab_dropout.config import ConfigError, validate
+from deeplab_dropout.config import ARCHS, ConfigError, validate
 from deeplab_dropout.model import cell_name
 
 PRESETS = sorted(f"{p.parent.name}={p.stem}" for p in Path(CONF_DIR).glob("*/*.yaml"))
@@ -65,7 +65,8 @@ INVALID = [
     (["model.backbone=vgg16"], f"model.backbone='vgg16' is invalid: expected one of {RESNETS}"),
     (["dropout.name=gauss"], "dropout.name='gauss' is invalid: expected one of none, channel, dropblock, uout"),
     (["placement.resnet_sites=everywhere"],
-     "placement.resnet_sites='everywhere' is invalid: expected one of blocks, stages, first_block"),
+     "placement.resnet_sites='everywhere' is invalid: expected one of blocks, blocks_and_skips, stages, "
+     "first_block"),
     (["placement.spp_sites=all"], "placement.spp_sites='all' is invalid: expected one of output, branches"),
     (["placement.resnet_stages=[0,5]"], f"placement.resnet_stages=[0, 5] is invalid: {STAGES}"),
     (["placement.resnet_stages=[]"], f"placement.resnet_stages=[] is invalid: {STAGES}"),
@@ -75,7 +76,7 @@ INVALID = [
      "placement.resnet_sites=first_block is inside layer1 but placement.resnet_stages=[3, 4] excludes stage 1"),
     (["model.output_stride=32"], "model.output_stride=32 is invalid: expected one of 8, 16"),
     (["model.arch=deeplabv4"],
-     "model.arch='deeplabv4' is invalid: expected one of deeplabv3plus, torchvision_deeplabv3"),
+     "model.arch='deeplabv4' is invalid: expected one of " + ", ".join(ARCHS)),
     (["model.pretrained=/no/such/file.pth"],
      "model.pretrained='/no/such/file.pth' is invalid: expected imagenet, none or an existing file"),
     (["model.num_classes=1"], "model.num_classes=1 is invalid: expected an integer in [2, inf)"),
@@ -120,6 +121,15 @@ INVALID = [
     (["trainer.device=tpu"], "trainer.device='tpu' is invalid: expected auto, cpu, cuda or cuda:N"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is invalid: expected one of auto, fp32, bf16, fp16"),
     (["trainer.max_val_images=0"], "trainer.max_val_images=0 is invalid: expected an integer in [1, inf)"),
+    (["trainer.num_workers=-1"], "trainer.num_workers=-1 is invalid: expected auto or an integer in [0, inf)"),
+    (["trainer.num_workers=many"], "trainer.num_workers='many' is invalid: expected auto or an integer in [0, inf)"),
+    (["trainer.eval_precision=bf16"], "trainer.eval_precision='bf16' is invalid: expected one of fp32, same"),
+    (["trainer.checkpoint_every=0"], "trainer.checkpoint_every=0 is invalid: expected an integer in [1, inf)"),
+    (["trainer.compile=1"], "trainer.compile=1 is invalid: expected true or false"),
+    (["trainer.compile_backend=''"], "trainer.compile_backend='' is invalid: expected a torch.compile backend "
+     "name, e.g. inductor"),
+    (["data.cache=disk"], "data.cache='disk' is invalid: expected one of auto, ram, off"),
+    (["data.val_cache=gpu"], "data.val_cache='gpu' is invalid: expected one of auto, ram, device, off"),
     (["seed=1.5"], "seed=1.5 is invalid: expected an integer in [0, inf)"),
 ]
 
@@ -146,3 +156,24 @@ def test_multi_grid_needs_one_entry_per_layer4_block():
     validate(compose_cfg(["model.multi_grid=[1,1,1]"]))
     with pytest.raises(ConfigError, match=r"^model\.multi_grid=\[1\]"):
         validate(compose_cfg(["model=deeplabv3plus_resnet18", "model.multi_grid=[1]"]))
+
+
+# --- dropout / placement keys of issue 12 --------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.25, 1.5, "a", True])
+def test_group3_gamma_scale_is_validated(value):
+    cfg = compose_cfg(["cell=resnet-dropblock"])
+    cfg.dropout.group3_gamma_scale = value
+    with pytest.raises(ConfigError, match=r"^dropout\.group3_gamma_scale=.* is invalid: expected a number in "
+                                          r"\(0, 1\]$"):
+        validate(cfg)
+
+
+def test_dropblock_paper_options_compose_cfg():
+    cfg = compose_cfg(["cell=resnet-dropblock", "dropout.block_size=4", "dropout.group3_gamma_scale=0.25",
+                   "placement.resnet_sites=blocks_and_skips", "placement.resnet_stages=[3,4]"])
+    validate(cfg)
+    assert (cfg.dropout.block_size, cfg.dropout.group3_gamma_scale) == (4, 0.25)
+    assert cfg.placement.resnet_sites == "blocks_and_skips"
+    assert compose_cfg([]).dropout.group3_gamma_scale == 1.0  # off unless asked for
+

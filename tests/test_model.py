@@ -443,3 +443,112 @@ def test_pretrained_imagenet_offline_error(compose_config, tmp_path, monkeypatch
     assert "\n" not in msg
     assert torch.hub.get_dir() in msg and str(tmp_path) in msg
     assert "model.pretrained=none" in msg and "model.pretrained=/path/to/" in msg
+
+
+# --- DropBlock paper options: skip-connection sites, group-3 rate scale, p as a buffer ----------------------
+
+def residual_blocks(net, stages) -> dict[str, torch.nn.Module]:
+    """The residual blocks of the given stages, by qualified name, found in the module tree."""
+    kinds = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)
+    return {n: m for n, m in net.named_modules()
+            if isinstance(m, kinds) and n.split(".")[1] in {f"layer{s}" for s in stages}}
+
+
+@pytest.mark.parametrize("model,stages", [(R101, [3, 4]), (R18, [1, 2, 3, 4])])
+def test_blocks_and_skips_adds_one_skip_site_per_selected_block(compose_config, model, stages):
+    cfg = compose_config(model + ["cell=resnet-dropblock", "placement.resnet_sites=blocks_and_skips",
+                                  f"placement.resnet_stages=[{','.join(map(str, stages))}]"])
+    net = build_meta(cfg)
+    regs = net.regularizers()
+    blocks = residual_blocks(net, stages)
+    assert blocks and {n for n in regs if n.endswith(".skip_drop")} == {f"{b}.skip_drop" for b in blocks}
+    assert {n for n in regs if n.endswith(".drop")} == {f"{b}.drop" for b in blocks}
+    assert len(regs) == 2 * len(blocks)
+    placed = [n for n, m in net.named_modules(remove_duplicate=False) if isinstance(m, Regularizer)]
+    assert placed == list(regs) == regularizer_sites(cfg)
+    assert f"{len(blocks)} on skip paths" in describe_sites(net)
+
+
+@pytest.mark.parametrize("model", [R18, ["model=deeplabv3plus_resnet50", "model.pretrained=none"]])
+def test_skip_sites_change_only_the_skip_term(compose_config, model):
+    torch.manual_seed(0)
+    cfg = compose_config(model + ["cell=resnet-chandrop", "placement.resnet_sites=blocks_and_skips",
+                                  "placement.resnet_stages=[1,2]", "dropout.p=0.5"])
+    net = build_model(cfg).train()
+    for name, reg in net.regularizers().items():
+        if name.endswith(".drop"):
+            reg.p = 0.0  # only the skip sites act
+    blocks = residual_blocks(net, [1, 2])
+    seen: dict[str, dict] = {n: {} for n in blocks}
+    hooks = [b.register_forward_hook(lambda m, i, o, n=n: seen[n].update(x=i[0], out=o)) for n, b in blocks.items()]
+    hooks += [b.skip_drop.register_forward_hook(lambda m, i, o, n=n: seen[n].update(s_in=i[0], s_out=o))
+              for n, b in blocks.items()]
+    with torch.no_grad():
+        net(torch.randn(2, 3, 33, 33))
+        for h in hooks:
+            h.remove()
+        changed = 0
+        for name, block in blocks.items():
+            s = seen[name]
+            skip = s["x"] if block.downsample is None else block.downsample(s["x"])
+            torch.testing.assert_close(s["s_in"], skip)  # the site sits on the skip path ...
+            branch = _residual_branch(block, s["x"])  # ... and the branch is untouched: out = relu(branch + skip')
+            torch.testing.assert_close(s["out"], torch.relu(branch + s["s_out"]))
+            changed += not torch.allclose(s["s_out"], s["s_in"])
+    assert changed == len(blocks)
+
+
+def _residual_branch(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A residual block's branch before the addition, recomputed from its layers (train-mode BN)."""
+    out = block.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, torchvision.models.resnet.Bottleneck):
+        return block.bn3(block.conv3(block.relu(block.bn2(block.conv2(out)))))
+    return block.bn2(block.conv2(out))
+
+
+@pytest.mark.parametrize("sites", ["blocks_and_skips", "stages"])
+def test_group3_gamma_scale_only_in_layer3(compose_config, sites):
+    cfg = compose_config(R101 + ["cell=all-dropblock", f"placement.resnet_sites={sites}",
+                                 "dropout.group3_gamma_scale=0.25"])
+    regs = build_meta(cfg).regularizers()
+    in3 = {n for n in regs if n.startswith(("backbone.layer3.", "backbone.layer3_drop"))}
+    assert in3 and all(regs[n].rate_scale == 0.25 for n in in3)
+    assert all(m.rate_scale == 1.0 for n, m in regs.items() if n not in in3)
+    net = build_meta(cfg)
+    net.set_drop_p(0.1)  # the ramp keeps the scale
+    g3, g4 = (next(m for n, m in net.regularizers().items() if f"layer{i}" in n) for i in (3, 4))
+    assert g3.p == g4.p == 0.1 and g3.gamma(33, 33) == pytest.approx(0.25 * g4.gamma(33, 33))
+
+
+def test_p_buffers_stay_out_of_checkpoints(compose_config):
+    net = build_model(compose_config(R18 + ["cell=all-dropblock", "placement.resnet_sites=blocks_and_skips"]))
+    plain = build_model(compose_config(R18))
+    assert len(list(net.buffers())) == len(list(plain.buffers())) + len(net.regularizers())
+    assert net.state_dict().keys() == plain.state_dict().keys()
+    net.load_state_dict(plain.state_dict())
+
+
+def test_compiled_model_does_not_recompile_when_the_ramp_sets_p(compose_config):
+    dynamo = pytest.importorskip("torch._dynamo")
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    net = build_model(compose_config(R18 + ["cell=resnet-dropblock", "placement.resnet_sites=blocks_and_skips",
+                                            "placement.resnet_stages=[4]", "dropout.block_size=2"])).train()
+    dynamo.reset()
+    # layer4 (its blocks with skip and output sites) stands for the model: tracing all of it takes ~10 s
+    compiled = torch.compile(net.backbone.layer4, backend=counting_backend)
+    x = torch.randn(2, 256, 5, 5)
+    with torch.no_grad():
+        net.set_drop_p(0.1)
+        compiled(x)
+        first = len(compiles)
+        for p in (0.15, 0.3, 0.05):
+            net.set_drop_p(p)
+            compiled(x)
+    assert first >= 1 and len(compiles) == first, "set_drop_p made torch.compile recompile"
+    dynamo.reset()

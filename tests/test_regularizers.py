@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeplab_dropout.regularizers import ChannelDropout, DropBlock, Regularizer, UOut, make_regularizer
+from deeplab_dropout.regularizers import (
+    ChannelDropout,
+    DropBlock,
+    Regularizer,
+    UOut,
+    block_mask,
+    make_regularizer,
+)
 
 FACTORIES = {
     "channel": lambda p: ChannelDropout(p),
@@ -22,6 +29,11 @@ def positive(*shape: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     """Strictly positive input, so that zeros in the output can only come from the mask."""
     g = torch.Generator().manual_seed(seed)
     return (0.5 + torch.rand(shape, generator=g)).to(dtype)
+
+
+def f32(value: float) -> float:
+    """value rounded to float32, as the p buffer holds it."""
+    return float(np.float32(value))
 
 
 # --- common contract --------------------------------------------------------------------------------------
@@ -79,8 +91,73 @@ def test_p_is_validated(kind, bad):
 def test_p_settable_and_shown(kind):
     m = FACTORIES[kind](0.2)
     m.p = 0.05
-    assert m.p == 0.05 and "p=0.05" in repr(m)
-    assert not list(m.parameters()) and not list(m.buffers())
+    assert m.p == 0.05 and isinstance(m.p, float) and "p=0.05" in repr(m)
+    assert not list(m.parameters())
+    # p's tensor copy: one 0-dim float32 buffer, updated in place, never in the state dict
+    buf = m.p_tensor
+    assert dict(m.named_buffers()) == {"p_tensor": buf} and buf.shape == () and buf.dtype == torch.float32
+    assert buf.item() == f32(0.05)
+    m.p = 0.3
+    assert m.p_tensor is buf and buf.item() == f32(0.3)
+    assert m.state_dict() == {}
+
+
+@pytest.mark.parametrize("kind", FACTORIES)
+def test_p_buffer_stays_float32_through_half(kind):
+    m = FACTORIES[kind](0.3).half()
+    assert m.p_tensor.dtype == torch.float32 and m.p_tensor.item() == f32(0.3)
+    x = positive(2, 8, 10, 12, dtype=torch.float16)
+    assert m(x).dtype == torch.float16
+
+
+@pytest.mark.parametrize("kind", FACTORIES)
+def test_compiled_module_does_not_recompile_when_p_changes(kind):
+    dynamo = pytest.importorskip("torch._dynamo")
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), FACTORIES[kind](0.1))
+    compiled = torch.compile(net, backend=counting_backend)
+    x = torch.randn(2, 3, 16, 16)
+    changes = []
+    for p in (0.1, 0.5, 0.9):
+        net[1].p = p
+        torch.manual_seed(0)
+        ref = net.eval()(x)  # eval: the regulariser is the identity, so out / ref is its factor
+        net.train()
+        torch.manual_seed(0)
+        changes.append((compiled(x) - ref).abs().mean().item() / ref.abs().mean().item())
+    assert len(graphs) == 1, f"recompiled {len(graphs) - 1} times when p changed"
+    # ... and the compiled graph reads the new p: the perturbation grows with it (p not baked in)
+    assert changes[0] < changes[1] < changes[2]
+    dynamo.reset()
+
+
+def test_rate_scale_scales_the_rate_not_p():
+    p, scale, shape = 0.4, 0.25, (16, 256, 9, 9)
+    x = positive(*shape)
+    m = ChannelDropout(p, rate_scale=scale)
+    assert m.p == p and "rate_scale=0.25" in repr(m)
+    torch.manual_seed(9)
+    out = m(x)
+    zero = (out == 0).flatten(2).all(-1)
+    q = p * scale  # the rate actually used
+    torch.testing.assert_close(out[~zero], x[~zero] / (1 - q), rtol=1e-6, atol=0)
+    assert abs(zero.float().mean().item() - q) < 5 * math.sqrt(q * (1 - q) / zero.numel())
+    u = UOut(p, rate_scale=scale)
+    f = (u(x).double() / x.double()).flatten()
+    assert f.min() >= 1 - q - 1e-6 and f.max() <= 1 + q + 1e-6 and f.max() > 1 + q * 0.9
+    db = DropBlock(p, 4, rate_scale=scale)
+    assert db.gamma(20, 30) == pytest.approx(DropBlock(p, 4).gamma(20, 30) * scale)
+    m.p = 0.2  # the ramp sets p; the scale stays
+    assert m.rate_scale == scale and m.p == 0.2
+    for bad in (0.0, 1.5, -1.0, True, "x"):
+        with pytest.raises(ValueError, match="rate_scale must be a number in \\(0, 1\\]"):
+            ChannelDropout(0.1, rate_scale=bad)
 
 
 @pytest.mark.parametrize("kind", FACTORIES)
@@ -120,40 +197,89 @@ def test_channel_dropout_maps_and_rate():
 
 # --- DropBlock --------------------------------------------------------------------------------------------
 
-def analytic_dropped_fraction(p: float, bs: int, h: int, w: int) -> float:
-    """E[dropped fraction]: a position survives iff none of the k valid seeds covering it fires."""
-    gamma = p / bs**2 * h * w / ((h - bs + 1) * (w - bs + 1))
-    r = bs // 2
+def analytic_dropped_fraction(p: float, bs: int, h: int, w: int, scale: float = 1.0) -> float:
+    """E[dropped fraction], counting overlaps exactly: a position survives iff none of the k valid seeds whose
+    bs x bs block covers it fires (seeds are independent), so E = 1 - mean((1 - gamma)^k)."""
+    gamma = min(1.0, scale * p / bs**2 * h * w / ((h - bs + 1) * (w - bs + 1)))
 
     def covering(n: int) -> np.ndarray:
-        centres = np.arange(r, n - r)
-        return np.array([(np.abs(centres - i) <= r).sum() for i in range(n)])
+        # a block starts at u in 0..n-bs (wherever it fits) and covers u..u+bs-1
+        starts = np.arange(n - bs + 1)
+        return np.array([((starts <= i) & (i < starts + bs)).sum() for i in range(n)])
 
     k = np.outer(covering(h), covering(w))
     return float(1.0 - np.mean((1.0 - gamma) ** k))
 
 
+def tf_reference_mask(seeds: torch.Tensor, bs: int, h: int, w: int) -> torch.Tensor:
+    """The paper's TF code on given seeds: seeds placed on the valid centres bs//2 <= i < n - (bs-1)//2 of an
+    H x W map, then -max_pool(-keep, bs, 'SAME'), whose padding is (bs-1)//2 before and bs//2 after."""
+    full = torch.zeros(seeds.shape[:2] + (h, w))
+    full[..., bs // 2: h - (bs - 1) // 2, bs // 2: w - (bs - 1) // 2] = seeds
+    before, after = (bs - 1) // 2, bs // 2
+    return F.max_pool2d(F.pad(full, [before, after, before, after]), bs, stride=1)
+
+
+def force_one_seed(monkeypatch, u: int, v: int) -> None:
+    """Make DropBlock draw exactly one seed, at valid-region index (u, v) of every (sample, channel) map."""
+    def seeds(self, shape, gamma, device):
+        out = torch.zeros(shape)
+        out[..., u, v] = 1.0
+        return out
+    monkeypatch.setattr(DropBlock, "_seeds", seeds)
+
+
 def test_dropblock_gamma_and_block_size():
     db = DropBlock(0.2, 7)
     assert db.gamma(33, 45) == pytest.approx(0.2 / 49 * 33 * 45 / (27 * 39))
+    assert DropBlock(0.2, 4).gamma(20, 30) == pytest.approx(0.2 / 16 * 20 * 30 / (17 * 27))
     assert db.effective_block_size(33, 45) == 7
-    assert db.effective_block_size(6, 10) == 5  # clipped to 6, then odd
+    assert db.effective_block_size(6, 10) == 6  # larger than the map: clipped to min(H, W), even kept
     assert db.effective_block_size(3, 40) == 3
     assert db.effective_block_size(1, 1) == 1
-    assert DropBlock(0.2, 6).effective_block_size(50, 50) == 5
+    assert DropBlock(0.2, 6).effective_block_size(50, 50) == 6  # even sizes are exact
     assert "block_size=7" in repr(db)
     with pytest.raises(ValueError, match="block_size"):
         DropBlock(0.2, 0)
 
 
-@pytest.mark.parametrize("bs,h,w", [(3, 33, 33), (5, 33, 33), (7, 33, 33), (7, 21, 45)])
-def test_dropblock_dropped_fraction_matches_analytic(bs, h, w):
+@pytest.mark.parametrize("bs,h,w,u,v", [(4, 12, 15, 3, 5), (4, 12, 15, 0, 0), (4, 12, 15, 8, 11),
+                                        (16, 40, 37, 7, 20), (16, 40, 37, 24, 21), (5, 9, 9, 2, 4)])
+def test_dropblock_one_forced_seed_drops_one_block(monkeypatch, bs, h, w, u, v):
+    force_one_seed(monkeypatch, u, v)
+    x = positive(2, 3, h, w)
+    out = DropBlock(0.3, bs)(x)
+    expected = torch.zeros(h, w, dtype=torch.bool)
+    expected[u:u + bs, v:v + bs] = True  # exactly bs x bs, inside the map
+    assert u + bs <= h and v + bs <= w
+    assert torch.equal(out == 0, expected.expand_as(out))
+    # TF anchoring: the seed sits at map position i = u + bs//2, its block spans i - bs//2 .. i + (bs-1)//2
+    i = u + bs // 2
+    rows = torch.nonzero(expected.any(1)).flatten()
+    assert (rows.min().item(), rows.max().item()) == (i - bs // 2, i + (bs - 1) // 2)
+    torch.testing.assert_close(out[out != 0], x[out != 0] * (h * w / (h * w - bs * bs)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bs", [1, 2, 3, 4, 7, 16])
+def test_block_mask_equals_the_tf_reference(bs):
+    h, w = 21, 30
+    g = torch.Generator().manual_seed(bs)
+    seeds = (torch.rand(2, 3, h - bs + 1, w - bs + 1, generator=g) < 0.05).float()
+    assert torch.equal(block_mask(seeds, bs), tf_reference_mask(seeds, bs, h, w))
+
+
+@pytest.mark.parametrize("bs,h,w,scale,n", [(3, 33, 33, 1.0, 4096), (4, 33, 33, 1.0, 4096), (5, 33, 33, 1.0, 4096),
+                                            (7, 21, 45, 1.0, 4096), (16, 64, 64, 1.0, 4096),
+                                            (4, 40, 24, 0.25, 4096)])
+def test_dropblock_dropped_fraction_matches_analytic(bs, h, w, scale, n):
     p = 0.2
     torch.manual_seed(bs)
-    out = DropBlock(p, bs)(torch.ones(32, 128, h, w))
+    out = DropBlock(p, bs, rate_scale=scale)(torch.ones(n, 1, h, w))
+    # Maps are iid, so the mean of the per-map fractions is within a few standard errors of E (CLT);
+    # the standard error is estimated from the maps themselves.
     per_map = (out == 0).float().mean((2, 3)).flatten()
     sem = per_map.std().item() / math.sqrt(per_map.numel())
-    expected = analytic_dropped_fraction(p, bs, h, w)
+    expected = analytic_dropped_fraction(p, bs, h, w, scale)
     assert 5 * sem < 0.01, "tensor too small for the 0.01 tolerance"
     assert abs(per_map.mean().item() - expected) < 5 * sem
 
@@ -174,8 +300,8 @@ def test_dropblock_preserves_mean():
     _mean_ratio_check(x, DropBlock(0.2, 7)(x))
 
 
-@pytest.mark.parametrize("bs,shape", [(3, (4, 16, 40, 40)), (7, (4, 16, 40, 40)), (7, (4, 16, 24, 40)),
-                                      (7, (4, 16, 6, 10))])
+@pytest.mark.parametrize("bs,shape", [(3, (4, 16, 40, 40)), (4, (4, 16, 40, 40)), (7, (4, 16, 24, 40)),
+                                      (16, (2, 8, 40, 40)), (7, (4, 16, 6, 10))])
 def test_dropblock_dropped_set_is_union_of_full_blocks(bs, shape):
     x = positive(*shape)
     db = DropBlock(0.3, bs)
@@ -184,12 +310,15 @@ def test_dropblock_dropped_set_is_union_of_full_blocks(bs, shape):
     out = db(x)
     dropped = (out == 0).float()
     assert 0 < dropped.mean() < 1
-    # centres (inside the valid region) whose whole eff x eff square is dropped ...
+    # top-left corners (inside the map) whose whole eff x eff square is dropped ...
     full = F.avg_pool2d(dropped, eff, stride=1) > 1 - 1e-6
-    # ... and the union of those squares must be the whole dropped set
-    half = eff // 2
-    union = F.max_pool2d(F.pad(full.float(), [half] * 4), eff, stride=1, padding=half)
-    assert torch.equal(union, dropped)
+    # ... and the union of those squares (shifted copies, no pooling) must be the whole dropped set
+    union = torch.zeros_like(dropped, dtype=torch.bool)
+    fh, fw = full.shape[-2:]
+    for a in range(eff):
+        for b in range(eff):
+            union[..., a:a + fh, b:b + fw] |= full
+    assert torch.equal(union, dropped.bool())
     # kept values share one scale = numel / count_kept
     kept = out != 0
     scale = x.numel() / kept.sum().item()

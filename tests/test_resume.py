@@ -18,10 +18,11 @@ from test_train import assert_same_outputs
 from deeplab_dropout import results as results_mod
 from deeplab_dropout import train as train_mod
 from deeplab_dropout.results import BEST, KILL_AT_ENV, LAST, load_checkpoint
+from deeplab_dropout.train import TIMING_KEYS
 
 # Three short epochs (4 of the 7 steps each) with DropBlock everywhere, so dropout draws matter too.
 RUN = ("cell=all-dropblock", "trainer.epochs=3", "trainer.max_train_steps=4", "trainer.max_val_images=2",
-       "trainer.keep_last=true")
+       "trainer.keep_last=true", "trainer.checkpoint_every=1")
 
 
 def read_results(run_dir: Path) -> dict:
@@ -29,7 +30,7 @@ def read_results(run_dir: Path) -> dict:
 
 
 def metrics_only(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+    return [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in history]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,23 @@ def test_sigkill_then_same_command_resumes_to_the_same_numbers(voc_root, tmp_pat
     assert best["epoch"] == res["best_epoch"] and best["metrics"] == res["best"]
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
     assert_same_outputs(straight, run_dir)  # per_image.npz and predictions/ too
+
+
+def test_checkpoint_every_resumes_from_an_older_last_pt_to_the_same_numbers(voc_root, tmp_path, straight):
+    # last.pt after epochs 2 and 3 (the last) only; killed in epoch 3's last.pt write, when results.json,
+    # per_image.npz and predictions/ already hold epoch 3: the resume re-trains epoch 3 from epoch 2's state.
+    run_dir = tmp_path / "run"
+    killed = run_cli(voc_root, run_dir, "trainer.checkpoint_every=2", kill_at="ckpt:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(read_results(run_dir)["history"]) == 3 and load_checkpoint(run_dir / LAST)["epoch"] == 2
+    again = run_cli(voc_root, run_dir, "trainer.checkpoint_every=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    res, ref = read_results(run_dir), read_results(straight)
+    assert res["status"] == "completed" and metrics_only(res["history"]) == metrics_only(ref["history"])
+    a, b = (load_checkpoint(d / LAST)["model"] for d in (straight, run_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(run_dir / BEST)["epoch"] == res["best_epoch"]
+    assert_same_outputs(straight, run_dir)
 
 
 def test_kill_between_last_and_best_writes_repairs_best_on_resume(voc_root, tmp_path, monkeypatch):
@@ -172,8 +190,8 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(voc_root
     real = train_mod.forward
     calls = []
 
-    def nan_at_step_7(model, images, targets, runtime, ignore_index):
-        logits, targets, loss_sum, n_px = real(model, images, targets, runtime, ignore_index)
+    def nan_at_step_7(model, images, targets, *args):
+        logits, targets, loss_sum, n_px = real(model, images, targets, *args)
         if model.training:
             calls.append(1)
             if len(calls) == 7:  # epoch 2's third step (4 steps run of the 7 an epoch has)

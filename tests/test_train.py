@@ -16,10 +16,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from deeplab_dropout import train as train_mod
 from deeplab_dropout.results import RESUME_FREE_KEYS, load_checkpoint, read_per_image
+from deeplab_dropout.train import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "miou", "pixel_acc", "class_iou", "per_image_miou", "lr",
-                "drop_p", "iteration", "seconds"}
+                "drop_p", "iteration", "seconds", "data_seconds", "eval_seconds"}
 
 
 def read_results(run_dir: Path) -> dict:
@@ -27,7 +28,7 @@ def read_results(run_dir: Path) -> dict:
 
 
 def metrics_only(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+    return [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in history]
 
 
 def assert_same_outputs(a: Path, b: Path) -> None:
@@ -133,7 +134,7 @@ def test_resume_free_keys_are_config_keys():
 
 def test_resume_after_interrupt_matches_uninterrupted(voc_root, tmp_path, monkeypatch):
     overrides = ("cell=spp-uout", "schedule=linear", "schedule.ramp_epochs=2", "trainer.epochs=3",
-                 "trainer.keep_last=true")
+                 "trainer.keep_last=true", "trainer.checkpoint_every=1")
     train_mod.run(tiny_cfg(voc_root, *overrides), tmp_path / "straight")
     straight = read_results(tmp_path / "straight")
 

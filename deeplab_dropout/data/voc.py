@@ -78,16 +78,24 @@ def read_split_ids(root: str | os.PathLike, split: str) -> list[str]:
     return ids
 
 
-def _open(path: Path, kind: str) -> Image.Image:
-    """Open and fully decode an image file, so truncated or corrupt files fail here in one line."""
+def _open(path: Path, kind: str, decode: bool = True) -> Image.Image:
+    """Open and fully decode an image file, so truncated or corrupt files fail here in one line
+    (``decode=False``: the header only, e.g. for the size)."""
     if not path.is_file():
         raise DatasetError(f"{kind} not found: {path}")
     try:
         with Image.open(path) as im:
+            if not decode:
+                return im
             im.load()
             return im.copy()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DatasetError(f"corrupt or unreadable {kind}: {path} ({one_line(e)})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(W, H) of an image from its header, without decoding it (a bad file fails as in ``read_image``)."""
+    return _open(Path(path), "image", decode=False).size
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
@@ -150,7 +158,9 @@ class VOCSegmentation(torch.utils.data.Dataset):
         # With a seed, sample i's random augmentation in epoch e is a function of (seed, e, i) alone:
         # the same whichever loader worker (or the main process) draws it. The runner sets ``epoch``.
         self.seed = seed
-        self.epoch = 0
+        # In shared memory: persistent loader workers (copies of this object) see the epoch the runner sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # preload(): i -> uint8 image, mask
         listed = read_split_ids(self.root, split)
         if ids is None:
             self.ids = listed
@@ -178,6 +188,15 @@ class VOCSegmentation(torch.utils.data.Dataset):
             if f"{i}.png" not in have_mask:
                 raise DatasetError(f"mask not found: {self.mask_path(i)} (listed in {split}.txt)")
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the random augmentation derives from (set by the runner before each epoch)."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(int(value))
+
     def image_path(self, image_id: str) -> Path:
         """Path of an id's JPEG."""
         return self._img_dir / f"{image_id}.jpg"
@@ -196,10 +215,25 @@ class VOCSegmentation(torch.utils.data.Dataset):
         mask = read_mask(self.mask_path(image_id), size=image.size)
         return image, mask
 
-    def __getitem__(self, i: int) -> Any:
+    def load_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The i-th pair as uint8 tensors, (3, H, W) image and (H, W) mask: from RAM after ``preload``."""
+        if i in self._decoded:
+            return self._decoded[i]
         image, mask = self.load(i)
+        return torch.from_numpy(np.array(image).transpose(2, 0, 1).copy()), torch.from_numpy(mask)
+
+    def preload(self) -> None:
+        """Decode every image and mask once into RAM (validated as ``load`` does); later reads come from there."""
+        first: dict[str, int] = {}
+        for i, image_id in enumerate(self.ids):
+            # `authors` lists an image more than once: decode it once.
+            j = first.setdefault(image_id, i)
+            self._decoded[i] = self._decoded[j] if j != i else self.load_tensors(i)
+
+    def __getitem__(self, i: int) -> Any:
         if self.transforms is None:
-            return image, mask
+            return self.load(i)
+        image, mask = self.load_tensors(i) if self._decoded else self.load(i)
         if self.seed is None:
             return self.transforms(image, mask)
         # The transforms draw from torch's global RNG: seed it for this sample, then give back its state,
