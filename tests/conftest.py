@@ -66,3 +66,12 @@ trainer: {{epochs: 1, batch_size: 2, max_train_steps: 1, max_val_images: 2}}
 """)
     return ["experiment=tiny", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+
+
+def counting_backend(graphs: list):
+    """A torch.compile backend that appends each graph it is asked to compile to ``graphs`` and runs it as is,
+    so a test counts (re)compilations without paying for a real compiler."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend

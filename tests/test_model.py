@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import counting_backend
 
 from deeplab_dropout.config import ConfigError
 from deeplab_dropout.model import (
@@ -532,16 +533,14 @@ def test_compiled_model_does_not_recompile_when_the_ramp_sets_p(compose_config):
     dynamo = pytest.importorskip("torch._dynamo")
     compiles = []
 
-    def counting_backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
+    backend = counting_backend(compiles)
 
     torch.manual_seed(0)
     net = build_model(compose_config(R18 + ["cell=resnet-dropblock", "placement.resnet_sites=blocks_and_skips",
                                             "placement.resnet_stages=[4]", "dropout.block_size=2"])).train()
     dynamo.reset()
     # layer4 (its blocks with skip and output sites) stands for the model: tracing all of it takes ~10 s
-    compiled = torch.compile(net.backbone.layer4, backend=counting_backend)
+    compiled = torch.compile(net.backbone.layer4, backend=backend)
     x = torch.randn(2, 256, 5, 5)
     with torch.no_grad():
         net.set_drop_p(0.1)

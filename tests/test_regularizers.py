@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import counting_backend
 from torch import nn
 
 from deeplab_dropout.regularizers import (
@@ -115,13 +116,11 @@ def test_compiled_module_does_not_recompile_when_p_changes(kind):
     dynamo = pytest.importorskip("torch._dynamo")
     graphs = []
 
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    backend = counting_backend(graphs)
 
     dynamo.reset()
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), FACTORIES[kind](0.1))
-    compiled = torch.compile(net, backend=counting_backend)
+    compiled = torch.compile(net, backend=backend)
     x = torch.randn(2, 3, 16, 16)
     changes = []
     for p in (0.1, 0.5, 0.9):

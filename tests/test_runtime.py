@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import counting_backend, tiny_cfg
 from torch.utils.data import DataLoader
 
 from deeplab_dropout import runtime as runtime_mod
@@ -132,16 +132,14 @@ def test_compiled_run_changes_p_every_step_without_recompiling(voc_root, tmp_pat
 
     compiles, seen = [], []
 
-    def counting_backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
+    backend = counting_backend(compiles)
 
     dynamo.reset()
     monkeypatch.setattr(train_mod, "set_schedules", _recording(train_mod.set_schedules, seen, compiles))
     dynamo.list_backends()  # registers the built-in backends first
     from torch._dynamo.backends.registry import register_backend
 
-    register_backend(counting_backend, name="counting_test")
+    register_backend(backend, name="counting_test")
     cfg = cpu_cfg(voc_root, "cell=all-uout", "schedule=linear", "schedule.ramp_epochs=2", "trainer.epochs=2",
                   "trainer.max_train_steps=3", "trainer.max_val_images=2", "trainer.compile=true",
                   "trainer.compile_backend=counting_test")
