@@ -103,10 +103,11 @@ def class_names(n: int) -> list[str]:
     return list(VOC_CLASSES) if n == len(VOC_CLASSES) else [str(c) for c in range(n)]
 
 
-def draw_figures(root: Path, table: dict[str, list[dict]], runs: list[dict], sheets=SHEET_TYPES[:1]) -> list[Path]:
+def draw_figures(root: Path, table: dict[str, list[dict]], runs: list[dict], records: Records,
+                 sheets=SHEET_TYPES[:1]) -> list[Path]:
     """Draw the four plots (each one that has data) and the image sheets of ``sheets`` (dropout families) into
     ``root``; returns the files written. A sheet none of whose runs saved predictions is left out."""
-    by_path, records = {r["path"]: r for r in runs}, Records()
+    by_path = {r["path"]: r for r in runs}
     rows = class_rows(table, by_path)
     names = class_names(max((len(v) for _, v in rows), default=len(VOC_CLASSES)))
     dists = per_image_dists(table, by_path, records)

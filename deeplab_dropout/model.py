@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from deeplab_dropout.regularizers import Regularizer, make_regularizer
 
 __all__ = ["DeepLabV3Plus", "TorchvisionDeepLabV3", "SegmentationModel", "ResNetBackbone", "ImagePooling",
            "build_model", "regularizer_sites", "describe_sites", "cell_name", "placement_name", "make_regularizer",
-           "in_group3", "scale_group3", "load_backbone_weights", "BACKBONES"]
+           "in_group3", "regularize", "load_backbone_weights", "BACKBONES"]
 
 # Dilation rate of layer2..layer4 per output stride (a stage with rate > 1 drops its stride; layer4's blocks
 # further multiply it by the Multi-Grid), and the ASPP rates that keep the same field of view.
@@ -303,11 +304,13 @@ def in_group3(site: str) -> bool:
     return any(part in ("layer3", "layer3_drop") for part in site.split("."))
 
 
-def scale_group3(model: nn.Module, scale: float) -> None:
-    """Set ``rate_scale`` (dropout.group3_gamma_scale) on every placed regulariser in group 3."""
-    for name, m in model.named_modules():
-        if isinstance(m, Regularizer) and in_group3(name):
-            m.rate_scale = scale
+def regularize(model: nn.Module, cfg) -> None:
+    """Place cfg.dropout's regulariser at every site of ``regularizer_sites(cfg)``, those in ResNet group 3
+    with dropout.group3_gamma_scale as their ``rate_scale`` (the DropBlock paper's smaller gamma there)."""
+    # .get: configs saved before the key existed (resumed runs, eval of old checkpoints) mean 1.0
+    scale = float(cfg.dropout.get("group3_gamma_scale", 1.0))
+    for site in regularizer_sites(cfg):
+        place_regularizers(model, [site], partial(make_regularizer, cfg.dropout, scale if in_group3(site) else 1.0))
 
 
 DROPOUT_SHORT = {"channel": "chandrop", "dropblock": "dropblock", "uout": "uout"}
@@ -453,7 +456,5 @@ def build_model(cfg) -> SegmentationModel:
     model = DeepLabV3Plus(m.backbone, int(m.num_classes), int(m.output_stride), int(m.aspp_channels),
                           int(m.low_level_channels), tuple(m.multi_grid), m.pool_norm)
     load_backbone_weights(model.backbone, m.pretrained)
-    place_regularizers(model, regularizer_sites(cfg), lambda: make_regularizer(cfg.dropout))
-    # .get: configs saved before the key existed (resumed runs, eval of old checkpoints) mean 1.0
-    scale_group3(model, float(cfg.dropout.get("group3_gamma_scale", 1.0)))
+    regularize(model, cfg)
     return model

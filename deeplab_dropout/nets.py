@@ -22,11 +22,9 @@ from deeplab_dropout.model import (
     _load_strict,
     _set_dilation,
     load_backbone_weights,
-    place_regularizers,
-    scale_group3,
+    regularize,
 )
 from deeplab_dropout.model import regularizer_sites as deeplab_sites
-from deeplab_dropout.regularizers import make_regularizer
 
 __all__ = ["ARCHS", "FCN", "UNet", "FPN", "build", "regularizer_sites", "UNET_LEVELS", "FPN_HEAD_CONVS"]
 
@@ -310,7 +308,5 @@ def build(cfg) -> SegmentationModel:
     else:
         model = FPN(m.backbone, int(m.num_classes), int(m.fpn_channels), int(m.head_channels))
         load_backbone_weights(model.backbone, str(m.pretrained))
-    place_regularizers(model, regularizer_sites(cfg), lambda: make_regularizer(cfg.dropout))
-    # The ResNet ones: the DropBlock paper's smaller gamma in group 3, as build_model does for DeepLabv3+.
-    scale_group3(model, float(cfg.dropout.get("group3_gamma_scale", 1.0)))
+    regularize(model, cfg)  # as build_model does (group 3's smaller gamma on the ResNet ones)
     return model

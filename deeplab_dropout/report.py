@@ -236,10 +236,10 @@ def constant_key(key: str, keys: list[str], experiments: dict[str, dict]) -> str
                  and strip_groups(experiments[k]["config"], ("schedule",)) == target), None)
 
 
-def compare(tables: dict[str, dict[str, dict]], experiments: dict[str, dict], n_boot: int, boot_seed: int) -> None:
+def compare(tables: dict[str, dict[str, dict]], experiments: dict[str, dict], n_boot: int, boot_seed: int,
+            records: Records) -> None:
     """Fill each regularised row's ``vs_none`` (ΔmIoU, paired bootstrap) and, under a ramped schedule,
     ``ramp_better`` (the columns that beat the constant schedule). ``tables``: {schedule: {key: row}}."""
-    records = Records()
     for schedule, rows in tables.items():
         keys = list(rows)
         for key, row in rows.items():
@@ -254,11 +254,13 @@ def compare(tables: dict[str, dict[str, dict]], experiments: dict[str, dict], n_
                 row["ramp_better"] = ramp_better(row, None if const is None else tables[CONSTANT][const])
 
 
-def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0) -> dict[str, list[dict]]:
+def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0,
+              records: Records | None = None) -> dict[str, list[dict]]:
     """{schedule: [row, ...]} in Table 2 order, one row per experiment (see ``make_row`` for a row's fields),
     each regularised row compared with `none` (``vs_none``, ``n_boot`` resamples seeded by ``boot_seed``).
 
-    ``runs`` are results.json contents as ``load_runs`` returns them (checked, with ``path`` and ``dir``).
+    ``runs`` are results.json contents as ``load_runs`` returns them (checked, with ``path`` and ``dir``);
+    ``records`` reads their per_image.npz (pass one to share what it read).
     """
     experiments = group_experiments(runs)
     wide = report_wide_keys(experiments)
@@ -270,7 +272,7 @@ def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0) -> d
             same_cell = [experiments[k]["config"] for k in keys if experiments[k]["cell"] == exp["cell"]]
             distinguishing = differing_keys(same_cell) | wide[exp["cell"] == "pretrained-base"]
             tables[schedule][key] = make_row(exp, distinguishing, every_schedule=exp["cell"] in UNREGULARISED)
-    compare(tables, experiments, n_boot, boot_seed)
+    compare(tables, experiments, n_boot, boot_seed, records or Records())
     return {schedule: sorted(rows.values(), key=_order) for schedule, rows in tables.items()}
 
 
@@ -412,9 +414,10 @@ def report(root: Path, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[
     if not runs:
         raise FileNotFoundError(f"no usable results.json under {root} (see the warnings)" if unusable
                                 else f"no results.json under {root}")
-    table = summarize(runs, n_boot, boot_seed)
+    records = Records()  # each per_image.npz read once, for the bootstrap and the plots
+    table = summarize(runs, n_boot, boot_seed, records)
     missing = not_counted(table, unusable)
-    drawn = draw_figures(root, table, runs, sheets) if figures else []
+    drawn = draw_figures(root, table, runs, records, sheets) if figures else []
     text = (f"# deeplab-dropout report: {root}\n\n{HEADER}\n\n" + format_table(table) + format_not_counted(missing)
             + "".join(f"\n![{p.stem}]({p.name})\n" for p in drawn))
     atomic_write(root / "report.md", lambda f: f.write(text.encode()))
