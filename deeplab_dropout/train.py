@@ -319,6 +319,12 @@ def train_one_epoch(state: RunState, epoch: int) -> dict:
             "drop_p": drop_p, "iteration": it + 1, "data_seconds": waited}
 
 
+def labels(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class (N, H, W) of (N, K, H, W) logits: max's indices, which equal argmax's (the first maximum
+    on ties) and take a fifth of its time on CPU, where argmax over the strided class dim is slow."""
+    return logits.max(1).indices
+
+
 def evaluate(model: torch.nn.Module, loader, cfg: DictConfig, runtime: Runtime, progress: bool = False,
              keep: tuple[int, ...] | None = ()) -> dict:
     """Whole-val evaluation: dataset mIoU, pixel accuracy, class IoU, per-image mIoU stats, val loss; also
@@ -338,7 +344,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: DictConfig, runtime: Runtime, 
                                                       cfg.data, runtime.eval_amp_dtype)
             total_loss += loss_sum.item()
             total_px += n_px
-            pred = logits.argmax(1)
+            pred = labels(logits)
             metrics.update(pred, targets)
             wanted = range(seen, seen + len(pred)) if keep is None else [i for i in keep if i - seen in
                                                                               range(len(pred))]
@@ -395,7 +401,7 @@ def predict(state: RunState, index: int, pred: torch.Tensor | None = None) -> Vi
     if pred is None:
         state.model.eval()
         with runtime.eval_autocast():
-            pred = state.model(batch).argmax(1)[0]
+            pred = labels(state.model(batch))[0]
     return View(state.val_ds.ids[index], image, target, pred.to("cpu", torch.int64))
 
 
