@@ -259,11 +259,12 @@ def test_dropblock_one_forced_seed_drops_one_block(monkeypatch, bs, h, w, u, v):
     torch.testing.assert_close(out[out != 0], x[out != 0] * (h * w / (h * w - bs * bs)), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("density", [0.05, 0.6])  # sparse seeds, and overlapping blocks
 @pytest.mark.parametrize("bs", [1, 2, 3, 4, 7, 16])
-def test_block_mask_equals_the_tf_reference(bs):
+def test_block_mask_equals_the_tf_reference(bs, density):
     h, w = 21, 30
     g = torch.Generator().manual_seed(bs)
-    seeds = (torch.rand(2, 3, h - bs + 1, w - bs + 1, generator=g) < 0.05).float()
+    seeds = (torch.rand(2, 3, h - bs + 1, w - bs + 1, generator=g) < density).float()
     assert torch.equal(block_mask(seeds, bs), tf_reference_mask(seeds, bs, h, w))
 
 
