@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from deeplab_dropout.config import BACKBONES, NET_ARCHS, ConfigError, one_line, validate
-from deeplab_dropout.regularizers import Regularizer, make_regularizer
+from deeplab_dropout.regularizers import Regularizer, make_regularizer, set_drop_p
 
 __all__ = ["DeepLabV3Plus", "TorchvisionDeepLabV3", "SegmentationModel", "ResNetBackbone", "ImagePooling",
            "build_model", "regularizer_sites", "describe_sites", "cell_name", "placement_name", "make_regularizer",
@@ -221,8 +221,7 @@ class SegmentationModel(nn.Module):
 
     def set_drop_p(self, p: float) -> None:
         """Set the drop probability of every placed regulariser (called before each step by the ramp)."""
-        for m in self.regularizers().values():
-            m.p = p
+        set_drop_p(self, p)
 
 
 class DeepLabV3Plus(SegmentationModel):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Regularizer", "ChannelDropout", "DropBlock", "UOut", "block_mask", "make_regularizer"]
+__all__ = ["Regularizer", "ChannelDropout", "DropBlock", "UOut", "block_mask", "make_regularizer", "set_drop_p"]
 
 
 class Regularizer(nn.Module):
@@ -203,6 +203,13 @@ class UOut(Regularizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shared={self.shared}"
+
+
+def set_drop_p(model: nn.Module, p: float) -> None:
+    """Set p on every Regularizer inside ``model`` (the dropout ramp calls this before each step)."""
+    for m in model.modules():
+        if isinstance(m, Regularizer):
+            m.p = p
 
 
 def make_regularizer(dropout_cfg, rate_scale: float = 1.0) -> Regularizer | None:

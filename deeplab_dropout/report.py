@@ -37,7 +37,11 @@ IGNORED_KEYS = ("seed", *RESUME_FREE_KEYS, "trainer.tb_images", "trainer.tb_imag
                 "trainer.keep_last", "data.download", "checkpoint", "hydra")
 # Column key in report.json -> the paper's column name (Table 3/4), then ours.
 COLUMNS = {"mean": "Mean mIoU", "std": "Std.", "min": "Worst mIoU", "median": "Med. mIoU", "max": "Best mIoU",
-           "val_loss": "Loss", "miou": "mIoU (dataset)", "best_epoch": "Best epoch"}
+           "val_loss": "Loss", "miou": "mIoU (dataset)", "pixel_acc": "Pixel accuracy", "best_epoch": "Best epoch"}
+# The columns report.md shows (report.csv/json hold them all): the study's Table 3/4, or the VOC 2007 course
+# report's table (pixel accuracy and IoU at each run's best epoch).
+COLUMN_SETS = {"paper": ("mean", "std", "min", "median", "max", "val_loss", "miou", "best_epoch"),
+               "course": ("pixel_acc", "miou", "val_loss", "best_epoch")}
 PER_IMAGE = ("mean", "std", "min", "median", "max")
 MARK = "†"
 DELTA, UP, DOWN = "ΔmIoU vs none [95% CI]", "▲", "▼"
@@ -128,7 +132,7 @@ def best_values(run: dict) -> dict[str, float | None] | None:
     if run["status"] != "completed" or best is None:
         return None
     values = {**{k: best["per_image_miou"][k] for k in PER_IMAGE}, "val_loss": best["val_loss"],
-              "miou": best["miou"], "best_epoch": run["best_epoch"]}
+              "miou": best["miou"], "pixel_acc": best.get("pixel_acc"), "best_epoch": run["best_epoch"]}
     # An undefined metric (NaN, written as null) is left out of that column, not averaged in.
     return {k: v if v is not None and math.isfinite(v) else None for k, v in values.items()}
 
@@ -296,11 +300,12 @@ def _delta_text(vs: dict | None) -> str:
     return f"{vs['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark}"
 
 
-def format_row(row: dict) -> str:
-    """One markdown table line; the columns a ramp improved (over the constant schedule) in bold."""
+def format_row(row: dict, shown: tuple[str, ...] = COLUMN_SETS["paper"]) -> str:
+    """One markdown table line of the columns ``shown``; those a ramp improved (over the constant schedule) in
+    bold."""
     label = (row["label"] + (f" {MARK}" if row["every_schedule"] else "")).replace("|", "\\|")
-    cols = [_cell_text(c, *row["columns"][c]) for c in COLUMNS]
-    cols = [f"**{text}**" if c in row["ramp_better"] else text for c, text in zip(COLUMNS, cols, strict=True)]
+    cols = [_cell_text(c, *row["columns"][c]) for c in shown]
+    cols = [f"**{text}**" if c in row["ramp_better"] else text for c, text in zip(shown, cols, strict=True)]
     status = ", ".join(f"{s}×{n}" for s, n in row["status"].items())
     return f"| {label} | {row['n']} | " + " | ".join(cols) + f" | {_delta_text(row['vs_none'])} | {status} |"
 
@@ -315,14 +320,15 @@ def table_notes(rows: list[dict]) -> list[str]:
     return notes
 
 
-def format_table(table: dict[str, list[dict]]) -> str:
-    """Markdown tables, one per schedule, with the notes and the eval commands under each."""
-    out = []
+def format_table(table: dict[str, list[dict]], columns: str = "paper") -> str:
+    """Markdown tables of the column set ``columns`` (COLUMN_SETS), one per schedule, with the notes and the
+    eval commands under each."""
+    out, shown = [], COLUMN_SETS[columns]
     for schedule, rows in table.items():
         out.append(f"### schedule = {schedule}\n")
-        out.append("| Experiment | runs | " + " | ".join(COLUMNS.values()) + f" | {DELTA} | status |")
-        out.append("|---" * (len(COLUMNS) + 4) + "|")
-        out += [format_row(row) for row in rows]
+        out.append("| Experiment | runs | " + " | ".join(COLUMNS[c] for c in shown) + f" | {DELTA} | status |")
+        out.append("|---" * (len(shown) + 4) + "|")
+        out += [format_row(row, shown) for row in rows]
         notes = table_notes(rows)
         out += [""] + notes if notes else []
         commands = [f"- {row['label']}, seed {r['seed']}: `{r['eval']}`" for row in rows for r in row["runs"]
@@ -401,13 +407,16 @@ HEADER = ("Best epoch of each run (by its monitor). ± is a 95% t-interval over 
           f"{DELTA}: dataset mIoU minus that of `none` (same experiment without a regulariser), paired by seed "
           "and validation image, [95% bootstrap CI]; "
           f"{UP}/{DOWN}: the CI excludes 0. Bold (under a ramped schedule): better than the same experiment "
-          "with the constant schedule, as the paper's Table 4.")
+          "with the constant schedule, as the paper's Table 4. Pixel accuracy: correct valid pixels over all "
+          "valid pixels.")
 
 
 def report(root: Path, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = ("chandrop",),
-           figures: bool = True) -> str:
-    """Build the report of ``root``; write report.md, report.csv, report.json and (``figures``) the plots and
-    image sheets there; return the markdown text."""
+           figures: bool = True, columns: str = "paper") -> str:
+    """Build the report of ``root``; write report.md (the column set ``columns``), report.csv, report.json and
+    (``figures``) the plots and image sheets there; return the markdown text."""
+    if columns not in COLUMN_SETS:
+        raise ValueError(f"columns={columns!r} is invalid: expected one of {', '.join(COLUMN_SETS)}")
     root = Path(root)
     unusable: list[dict] = []
     runs = load_runs(root, unusable)
@@ -418,7 +427,8 @@ def report(root: Path, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[
     table = summarize(runs, n_boot, boot_seed, records)
     missing = not_counted(table, unusable)
     drawn = draw_figures(root, table, runs, records, sheets) if figures else []
-    text = (f"# deeplab-dropout report: {root}\n\n{HEADER}\n\n" + format_table(table) + format_not_counted(missing)
+    text = (f"# deeplab-dropout report: {root}\n\n{HEADER}\n\n" + format_table(table, columns)
+            + format_not_counted(missing)
             + "".join(f"\n![{p.stem}]({p.name})\n" for p in drawn))
     atomic_write(root / "report.md", lambda f: f.write(text.encode()))
     write_csv(root / "report.csv", csv_rows(table))
@@ -432,12 +442,15 @@ class ReportCallback(Callback):
     arguments) and say where to point TensorBoard."""
 
     def __init__(self, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = SHEET_TYPES[:1],
-                 figures: bool = True) -> None:
-        unknown = [kind for kind in sheets if kind not in SHEET_TYPES]
-        if unknown or n_boot < 1:
-            raise ValueError(f"hydra.callbacks.report: sheets={list(sheets)}, n_boot={n_boot} is invalid: sheets "
-                             f"must be among {', '.join(SHEET_TYPES)} and n_boot at least 1")
-        self.options = {"n_boot": n_boot, "boot_seed": boot_seed, "sheets": list(sheets), "figures": figures}
+                 figures: bool = True, columns: str = "paper") -> None:
+        checks = [(f"sheets={list(sheets)}", all(kind in SHEET_TYPES for kind in sheets),
+                   f"types among {', '.join(SHEET_TYPES)}"), (f"n_boot={n_boot}", n_boot >= 1, "at least 1"),
+                  (f"columns={columns!r}", columns in COLUMN_SETS, f"one of {', '.join(COLUMN_SETS)}")]
+        for value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"hydra.callbacks.report: {value} is invalid: expected {expected}")
+        self.options = {"n_boot": n_boot, "boot_seed": boot_seed, "sheets": list(sheets), "figures": figures,
+                        "columns": columns}
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -469,11 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sheets", nargs="*", default=["chandrop"], choices=SHEET_TYPES, metavar="TYPE",
                         help=f"image sheets for these dropout types ({', '.join(SHEET_TYPES)}; default chandrop)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--columns", choices=list(COLUMN_SETS), default="paper",
+                        help="report.md's columns: paper (Table 3/4, default) | course (the VOC 2007 course "
+                        "report's: pixel accuracy, mIoU); report.csv/json hold every column")
     args = parser.parse_args(argv)
     if args.n_boot < 1:
         parser.error(f"--n-boot={args.n_boot} is invalid: must be at least 1")
     try:
-        print(report(args.dir, args.n_boot, args.boot_seed, args.sheets, figures=not args.no_figures))
+        print(report(args.dir, args.n_boot, args.boot_seed, args.sheets, figures=not args.no_figures,
+                     columns=args.columns))
     except (FileNotFoundError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -58,16 +59,19 @@ def _umask() -> int:
     return old
 
 
-def atomic_write(path: Path, write, before_rename: Callable[[], None] | None = None) -> None:
-    """Call ``write(file_object)`` on a temp file beside ``path``, then rename over it (no torn files). The
-    file gets the usual permissions under the user's umask (mkstemp alone would leave it 0600)."""
+def atomic_write(path: Path, write, before_rename: Callable[[], None] | None = None, durable: bool = False) -> None:
+    """Call ``write(file_object)`` on a temp file beside ``path``, then rename over it (no torn files: a killed
+    process leaves the old file or the new one). ``durable``: fsync before the rename, so that the file also
+    survives a power loss (checkpoints, which a resume rebuilds everything else from). The file gets the usual
+    permissions under the user's umask (mkstemp alone would leave it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         if before_rename is not None:
             before_rename()
@@ -236,13 +240,24 @@ class RunResults:
             self.write()
         return is_best
 
-    def finish(self, status: str, error: str | None = None) -> None:
-        """Mark the run ``completed`` or ``failed`` (with the error message) and write."""
+    def finish(self, status: str, error: str | None = None, stopped_epoch: int | None = None) -> None:
+        """Mark the run ``completed`` or ``failed`` (with the error message) and write. A completed run records
+        whether early stopping ended it and after which epoch (``stopped_epoch``; None: it ran every epoch)."""
         self.data["status"] = status
         if error is not None:
             self.data["error"] = error
+        if status == "completed":
+            self.data.update(stopped_early=stopped_epoch is not None, stopped_epoch=stopped_epoch)
         self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.write()
+
+    def should_stop(self, patience: int | None) -> bool:
+        """Early stopping: True once ``patience`` evaluated epochs follow the best epoch (none beat it: a tie is
+        no new best); None never stops. It reads only the history, so a resumed run decides the same way."""
+        if patience is None:
+            return False
+        best = self.data["best_epoch"] or 0  # no best yet (all NaN): every evaluated epoch counts
+        return sum("miou" in e and e["epoch"] > best for e in self.history) >= patience
 
     def write(self) -> None:
         write_json(self.path, self.data)
@@ -262,7 +277,7 @@ def save_checkpoint(path: Path, state: dict, before_rename: Callable[[], None] |
     """torch.save ``state`` atomically (temp file + rename): a crash never leaves a half-written .pt."""
     import torch
 
-    atomic_write(Path(path), lambda f: torch.save(state, f), before_rename)
+    atomic_write(Path(path), lambda f: torch.save(state, f), before_rename, durable=True)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -289,29 +304,49 @@ def load_run_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config", 
     return saved
 
 
-def save_checkpoints(run_dir: Path, results: RunResults, training: dict, is_best: bool,
-                     write_last: bool = True) -> None:
-    """After an epoch: LAST if ``write_last`` (``training``'s state dicts, the history and config: all that
-    resuming needs) and, at a new best epoch, BEST (the model's weights, config and that epoch's metrics).
-    LAST goes first: a kill between the two leaves a LAST whose history names the new best, from which
-    ``repair_best`` rewrites BEST on resume (the other order would lose the previous best's weights)."""
+def save_checkpoints(run_dir: Path, results: RunResults, training: dict | None, best: BestWeights | None) -> None:
+    """At a checkpoint: LAST from ``training`` (its state dicts with the history and config: all that resuming
+    needs; None: no LAST this time) and BEST from ``best`` (the weights of the best epoch so far, kept since it
+    happened; None: unchanged since the last BEST).
+
+    A BEST of an earlier epoch goes first: LAST's history names that epoch as the best, so a kill between the
+    two must not leave LAST ahead of it. A BEST of this very epoch goes after LAST: a kill between them leaves
+    a LAST whose history names the new best, from which ``repair_best`` rewrites BEST on resume."""
     epoch = results.history[-1]["epoch"]
-    if write_last:
+    if best is not None and best.epoch < epoch:
+        save_best(run_dir, best)
+    if training is not None:
         save_checkpoint(run_dir / LAST, {**training, **_run_record(results), "history": results.history},
                         before_rename=lambda: kill_point("ckpt", epoch))
-    if is_best:
-        save_best(run_dir, results, training["model"])
+    if best is not None and best.epoch == epoch:
+        save_best(run_dir, best)
 
 
-def _run_record(results: RunResults) -> dict:
+def _run_record(results: RunResults, epoch: int | None = None) -> dict:
     data = results.data
-    return {"epoch": results.history[-1]["epoch"], "config": data["config"], "cell": data["cell"],
-            "split": data["split"]}
+    return {"epoch": results.history[-1]["epoch"] if epoch is None else epoch, "config": data["config"],
+            "cell": data["cell"], "split": data["split"]}
 
 
-def save_best(run_dir: Path, results: RunResults, model_state: dict) -> None:
-    """BEST: the weights of the last epoch in ``results`` (its best), with config, split and metrics."""
-    save_checkpoint(run_dir / BEST, {"model": model_state, **_run_record(results), "metrics": results.data["best"]})
+@dataclass
+class BestWeights:
+    """The best epoch's weights (a CPU copy, taken when it happened) and its BEST record, waiting for the next
+    checkpoint: between checkpoints (trainer.checkpoint_every) a new best costs a copy in RAM, not a file."""
+
+    epoch: int
+    record: dict  # BEST's keys besides the weights: epoch, config, cell, split, metrics
+
+    @classmethod
+    def of(cls, results: RunResults, model_state: dict) -> BestWeights:
+        """The weights ``model_state`` of the last epoch in ``results`` (its new best), copied to the CPU."""
+        record = {**_run_record(results), "metrics": results.data["best"]}
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in model_state.items()}
+        return cls(record["epoch"], {"model": weights, **record})
+
+
+def save_best(run_dir: Path, best: BestWeights) -> None:
+    """BEST: the best epoch's weights with its config, split and metrics."""
+    save_checkpoint(run_dir / BEST, best.record)
 
 
 def repair_best(run_dir: Path, results: RunResults, saved: dict) -> None:
@@ -322,7 +357,8 @@ def repair_best(run_dir: Path, results: RunResults, saved: dict) -> None:
         return
     best = run_dir / BEST
     if not best.exists() or load_checkpoint(best)["epoch"] != best_epoch:
-        save_best(run_dir, results, saved["model"])
+        save_best(run_dir, BestWeights(best_epoch, {"model": saved["model"], **_run_record(results, best_epoch),
+                                                    "metrics": results.data["best"]}))
 
 
 def remove_temp_files(run_dir: Path) -> None:

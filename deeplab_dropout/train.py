@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
+from deeplab_dropout.class_weights import class_weights
 from deeplab_dropout.config import ConfigError, one_line, validate
 from deeplab_dropout.data import VOCSegmentation, get_datasets
 from deeplab_dropout.data.cache import (
@@ -35,7 +36,7 @@ from deeplab_dropout.data.cache import (
 )
 from deeplab_dropout.data.transforms import denormalize
 from deeplab_dropout.data.voc import DatasetError
-from deeplab_dropout.loss import pixel_loss_sum, reduce_loss
+from deeplab_dropout.loss import Criterion, make_criterion, reduce_loss
 from deeplab_dropout.metrics import SegmentationMetrics
 from deeplab_dropout.model import build_model, cell_name, describe_sites
 from deeplab_dropout.results import (
@@ -43,6 +44,7 @@ from deeplab_dropout.results import (
     LAST,
     PER_IMAGE,
     PREDICTIONS,
+    BestWeights,
     RunResults,
     check_resumable,
     kill_point,
@@ -50,13 +52,14 @@ from deeplab_dropout.results import (
     move_aside,
     remove_temp_files,
     repair_best,
+    save_best,
     save_checkpoints,
     write_json,
     write_per_image,
     write_prediction,
 )
 from deeplab_dropout.runtime import Runtime, resolve_device, resolve_workers
-from deeplab_dropout.schedules import poly_lr, scheduled_drop_p
+from deeplab_dropout.schedules import lr_at, scheduled_drop_p
 from deeplab_dropout.tb import TBLogger, best_and_worst, pick_tb_images, run_hparams, strip
 
 log = logging.getLogger("deeplab_dropout")
@@ -89,8 +92,10 @@ class RunState:
     scaler: torch.amp.GradScaler
     results: RunResults
     tb_indices: list[int]  # the fixed val images shown in TensorBoard
+    criterion: Criterion  # the loss group's per-pixel loss, class weights on the device
     start_epoch: int = 0
     saved_epoch: int = 0  # the epoch of checkpoints/last.pt (0: none yet)
+    best: BestWeights | None = None  # a new best epoch's weights, until the next checkpoint writes best.pt
     tb: TBLogger | None = None
 
 
@@ -108,8 +113,8 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.SGD:
-    """SGD with two groups: backbone at optim.lr, ASPP + decoder at optim.lr * optim.head_lr_mult."""
+def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW (optim.name) with two groups: backbone at optim.lr, the rest at optim.lr * optim.head_lr_mult."""
     o = cfg.optim
     head = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
     groups = [
@@ -117,6 +122,8 @@ def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.SGD:
         {"params": head, "lr": o.lr * o.head_lr_mult, "base_lr": o.lr * o.head_lr_mult, "name": "head"},
     ]
     # foreach: one kernel per group instead of one per tensor; the same numbers, bit for bit.
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, foreach=True)
     return torch.optim.SGD(groups, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
                            foreach=True)
 
@@ -194,6 +201,7 @@ def set_up(cfg: DictConfig, run_dir: Path) -> RunState:
         seed_everything(cfg.seed)
         train_ds, val_ds, split = get_datasets(cfg.data, seed=cfg.seed)
         train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, runtime)
+        criterion = make_criterion(cfg, runtime.device, class_weights(cfg, train_ds, split["manifest"]))
         model = runtime.prepare(build_model(cfg))
         if cfg.trainer.compile:  # in place: state_dict keys and set_drop_p stay those of the model
             model.compile(backend=cfg.trainer.compile_backend)
@@ -207,7 +215,7 @@ def set_up(cfg: DictConfig, run_dir: Path) -> RunState:
     results = RunResults(run_dir / RESULTS, cell=cell_name(cfg), config=config, split=split,
                          monitor=cfg.trainer.monitor)
     state = RunState(cfg, run_dir, runtime, progress, train_ds, val_ds, train_loader, val_loader, model,
-                     optimizer, scaler, results, tb_indices)
+                     optimizer, scaler, results, tb_indices, criterion)
     log.info("run dir: %s", run_dir)
     log.info("cell %s | schedule %s | %s on %s", results.data["cell"], cfg.schedule.name, cfg.model.backbone,
              runtime)
@@ -231,11 +239,12 @@ def resume(state: RunState, saved: dict) -> None:
     log.info("resuming from %s after epoch %d", state.run_dir / LAST, state.start_epoch)
 
 
-def forward(model: torch.nn.Module, images, targets, runtime: Runtime, ignore_index: int, data_cfg=None,
+def forward(model: torch.nn.Module, images, targets, runtime: Runtime, criterion: Criterion, data_cfg=None,
             amp: torch.dtype | None | str = "train"):
     """Move a batch to the device and run the model (autocast ``amp``: the training precision by default);
-    returns (logits, targets on the device, loss summed over valid pixels, their count). uint8 images (the val
-    cache) are normalised on the device with ``data_cfg``'s mean/std."""
+    returns (logits, targets on the device, ``criterion``'s loss sum over valid pixels and its weight sum: their
+    count when unweighted). uint8 images (the val cache) are normalised on the device with ``data_cfg``'s
+    mean/std."""
     images = images.to(runtime.device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = normalize_batch(images, data_cfg)
@@ -244,28 +253,28 @@ def forward(model: torch.nn.Module, images, targets, runtime: Runtime, ignore_in
     targets = targets.to(runtime.device, non_blocking=True).long()
     with runtime.autocast(amp):
         logits = model(images)
-    loss_sum, n_px = pixel_loss_sum(logits, targets, ignore_index)
+    loss_sum, n_px = criterion(logits, targets)
     return logits, targets, loss_sum, n_px
 
 
 def set_schedules(state: RunState, it: int) -> float:
-    """Poly LR on both parameter groups and the dropout ramp at iteration ``it``; returns drop p."""
+    """The LR schedule (optim.schedule) on both parameter groups and the dropout ramp at iteration ``it``;
+    returns drop p."""
     cfg, steps_per_epoch = state.cfg, len(state.train_loader)
-    max_it = cfg.trainer.epochs * steps_per_epoch
     for group in state.optimizer.param_groups:
-        group["lr"] = poly_lr(group["base_lr"], it, max_it, cfg.optim.poly_power)
+        group["lr"] = lr_at(cfg.optim, group["base_lr"], it, steps_per_epoch, cfg.trainer.epochs)
     drop_p = scheduled_drop_p(cfg, it, steps_per_epoch)
     state.model.set_drop_p(drop_p)
     return drop_p
 
 
-def train_step(state: RunState, images, targets, epoch: int, it: int) -> tuple[float, int, torch.Tensor, float]:
+def train_step(state: RunState, images, targets, epoch: int, it: int) -> tuple[float, float, torch.Tensor, float]:
     """One SGD step at iteration ``it`` with its poly LR and dropout ramp; returns (loss summed over valid
-    pixels, their count, the loss, drop p). A NaN/inf loss stops the run here, before the step."""
+    pixels, their count or weight sum, the loss, drop p). A NaN/inf loss stops the run here, before the step."""
     kill_point("step", it + 1)
     cfg = state.cfg
     drop_p = set_schedules(state, it)
-    _, _, loss_sum, n_px = forward(state.model, images, targets, state.runtime, cfg.data.ignore_index)
+    _, _, loss_sum, n_px = forward(state.model, images, targets, state.runtime, state.criterion)
     loss = reduce_loss(loss_sum, n_px, targets.shape[0], cfg.loss)
     loss_value = loss_sum.item()
     if not math.isfinite(loss_value):
@@ -326,12 +335,15 @@ def labels(logits: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model: torch.nn.Module, loader, cfg: DictConfig, runtime: Runtime, progress: bool = False,
-             keep: tuple[int, ...] | None = ()) -> dict:
+             keep: tuple[int, ...] | None = (), criterion: Criterion | None = None) -> dict:
     """Whole-val evaluation: dataset mIoU, pixel accuracy, class IoU, per-image mIoU stats, val loss; also
     (not for results.json) ``image_counts``, int64 (N, K, 2) per-image counts of the first N val images
     (trainer.max_val_images may cut the list), ``image_miou``, ``preds`` (the uint8 CPU label maps of the
-    val images ``keep``, None: all) and ``eval_seconds``."""
+    val images ``keep``, None: all) and ``eval_seconds``. The val loss uses ``criterion``, the training one
+    (by default built from ``cfg``, class weights from the training split, as set_up does)."""
     t0 = time.perf_counter()
+    if criterion is None:  # e.g. the eval app: the same loss as the run trained with
+        criterion = make_criterion(cfg, runtime.device, class_weights(cfg))
     model.eval()
     metrics = SegmentationMetrics(cfg.model.num_classes, cfg.data.ignore_index)
     limit = cfg.trainer.max_val_images
@@ -340,7 +352,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: DictConfig, runtime: Runtime, 
         for images, targets in tqdm(loader, desc="val", disable=not progress, leave=False):
             if limit is not None and seen >= limit:
                 break
-            logits, targets, loss_sum, n_px = forward(model, images, targets, runtime, cfg.data.ignore_index,
+            logits, targets, loss_sum, n_px = forward(model, images, targets, runtime, criterion,
                                                       cfg.data, runtime.eval_amp_dtype)
             total_loss += loss_sum.item()
             total_px += n_px
@@ -459,13 +471,31 @@ def record_epoch(state: RunState, epoch: int, stats: dict, ev: dict | None, seco
     log.info("epoch %d/%d  train_loss %.4f  val_loss %s  mIoU %s  lr %.2e  p %.3f  %.1fs", entry["epoch"],
              state.cfg.trainer.epochs, entry["train_loss"], _fmt(entry.get("val_loss")),
              _fmt(entry.get("miou")), entry["lr"], entry["drop_p"], entry["seconds"])
-    training = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                "scaler": state.scaler.state_dict()}
-    t = state.cfg.trainer
+    if is_best:
+        state.best = BestWeights.of(state.results, state.model.state_dict())
     # A resume from an older last.pt re-trains the epochs after it, to the same numbers (runs are seeded).
-    write_last = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
-    save_checkpoints(state.run_dir, state.results, training, is_best, write_last)
-    state.saved_epoch = epoch + 1 if write_last else state.saved_epoch
+    if (epoch + 1) % state.cfg.trainer.checkpoint_every == 0:
+        checkpoint(state, write_last=True)
+
+
+def checkpoint(state: RunState, write_last: bool) -> None:
+    """Write last.pt (``write_last``) and best.pt if a new best epoch happened since the last checkpoint."""
+    training = None
+    if write_last:
+        training = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                    "scaler": state.scaler.state_dict()}
+    save_checkpoints(state.run_dir, state.results, training, state.best)
+    state.best = None
+    if write_last:
+        state.saved_epoch = state.results.history[-1]["epoch"]
+
+
+def final_checkpoint(state: RunState) -> None:
+    """After the last epoch: best.pt if still waiting, and last.pt only if trainer.keep_last (it exists for
+    resuming; a completed run is never resumed)."""
+    if state.results.history:
+        keep = bool(state.cfg.trainer.keep_last) and state.saved_epoch != state.results.history[-1]["epoch"]
+        checkpoint(state, write_last=keep)
 
 
 def _fmt(x) -> str:
@@ -480,7 +510,7 @@ def run_epoch(state: RunState, epoch: int) -> None:
     if is_eval_epoch(state.cfg, epoch):
         kill_point("eval", epoch + 1)
         ev = evaluate(state.model, state.val_loader, state.cfg, state.runtime, state.progress,
-                      keep=kept_predictions(state))
+                      keep=kept_predictions(state), criterion=state.criterion)
     record_epoch(state, epoch, stats, ev, time.perf_counter() - t0)
 
 
@@ -492,6 +522,17 @@ def skip_completed(cfg: DictConfig, run_dir: Path) -> RunResults | None:
         return earlier_run(cfg, run_dir)
     except INPUT_ERRORS as e:
         raise InputError(one_line(e)) from e
+
+
+def early_stop(state: RunState) -> int | None:
+    """The epoch after which trainer.early_stop_patience ends the run (logged), or None to go on."""
+    patience, results = state.cfg.trainer.early_stop_patience, state.results
+    if not results.should_stop(patience):
+        return None
+    epoch = results.history[-1]["epoch"]
+    log.info("early stop after epoch %d: %d evaluated epochs since the best %s (epoch %s)", epoch, patience,
+             state.cfg.trainer.monitor, results.data["best_epoch"])
+    return epoch
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
@@ -506,13 +547,19 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     results.write()
     state.tb = TBLogger(run_dir, run_hparams(cfg))  # in the run dir: TensorBoard names runs by their folder
     try:
+        stopped = None
         for epoch in range(state.start_epoch, cfg.trainer.epochs):
+            if (stopped := early_stop(state)) is not None:  # before each epoch: a resumed run decides too
+                break
             run_epoch(state, epoch)
+        final_checkpoint(state)
     except BaseException as e:
+        if state.best is not None:  # the weights results.json already names as the best
+            save_best(run_dir, state.best)
         results.finish("failed", error=f"{type(e).__name__}: {e}")
         raise
     else:
-        results.finish("completed")
+        results.finish("completed", stopped_epoch=stopped)
         if not cfg.trainer.keep_last:  # only resuming needs it (optimiser state): best.pt holds the weights
             (run_dir / LAST).unlink(missing_ok=True)
     finally:

@@ -7,7 +7,8 @@
 Sections (each printed row names the config it used):
 (a) train-step images/s at fp32 and at the default precision (trainer.precision=auto, as the runner resolves it);
 (b) FLOPs per step (FlopCounterMode, forward+backward) and achieved FLOP/s ÷ a dense n×n×n GEMM timed in the same
-    rounds at the same precision; (c) torchvision's own deeplabv3_<backbone> train step on the same input, ours ÷
+    rounds at the same precision, and ÷ the faster of that GEMM and a dense 3×3 convolution (on CPU oneDNN's
+    convolutions can run above the BLAS's GEMM: the step can exceed the GEMM, never the faster of the two); (c) torchvision's own deeplabv3_<backbone> train step on the same input, ours ÷
     theirs in FLOP/s; (d) the runner's ``evaluate`` with data.val_cache=ram vs off (demo model, VOC-sized generated
     images); (e) one epoch of the demo's `none` cell through ``run_epoch``, wall ÷ time inside the model;
 (f) projected time of one 50-epoch study run and of the 31-run study from (a), (d), (e) and the FLOP count;
@@ -252,12 +253,28 @@ def torchvision_step(bench: Bench, x: torch.Tensor, y: torch.Tensor) -> Step:
     return make_step(model, x, y, runtime, name)
 
 
-def gemm(n: int, dtype: torch.dtype, device: torch.device) -> Callable[[], torch.Tensor]:
-    """A dense n×n×n matmul closure (2·n³ FLOPs): the machine's practical limit at ``dtype``."""
+def gemm(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], torch.Tensor], float]:
+    """A dense n×n×n matmul closure and its 2·n³ FLOPs: the BLAS's practical limit at ``dtype``."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
-    return lambda: a @ b
+    return (lambda: a @ b), 2.0 * n ** 3
+
+
+def dense_conv(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], torch.Tensor], float]:
+    """A 3×3 convolution closure, batch 8 × n/8 channels in and out × 64², and its FLOPs: the convolution
+    library's practical limit (on CPU oneDNN's direct kernels can beat the BLAS's GEMM, so both count)."""
+    g = torch.Generator().manual_seed(0)
+    c = n // 8
+    x = torch.randn(8, c, 64, 64, generator=g).to(device, dtype)
+    w = torch.randn(c, c, 3, 3, generator=g).to(device, dtype)
+    return (lambda: F.conv2d(x, w, padding=1)), 2.0 * 8 * c * c * 9 * 64 * 64
+
+
+def reference_kernels(n: int, precisions: dict[str, torch.dtype], device: torch.device) -> dict:
+    """``{gemm_<p>, conv_<p>: (closure, FLOPs)}`` for each precision name ``p`` (fp32, auto)."""
+    return {f"{kind}_{name}": make(n, dtype, device) for name, dtype in precisions.items()
+            for kind, make in (("gemm", gemm), ("conv", dense_conv))}
 
 
 def step_section(bench: Bench, table: Table) -> dict:
@@ -276,17 +293,17 @@ def step_section(bench: Bench, table: Table) -> dict:
         tv_error = error_line(e)
     dtypes = {"fp32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     fns = {name: s.fn for name, s in steps.items() if not (name == "ours_auto" and auto == "fp32")}
-    fns["gemm_fp32"] = gemm(bench.gemm_n, torch.float32, device)
-    if auto != "fp32":
-        fns["gemm_auto"] = gemm(bench.gemm_n, dtypes[auto], device)
+    precisions = {"fp32": torch.float32} | ({"auto": dtypes[auto]} if auto != "fp32" else {})
+    kernels = reference_kernels(bench.gemm_n, precisions, device)
+    fns.update({name: fn for name, (fn, _) in kernels.items()})
     log(f"(a)-(c) timing {len(fns)} calls × {bench.repeats} interleaved rounds")
     # A plain warm-up too: a step's first call outside the counter can still be slow (kernel selection).
     times = interleaved(fns, device, bench.repeats)
-    times.setdefault("ours_auto", times["ours_fp32"])
-    gemm_flops = 2.0 * bench.gemm_n ** 3
-    rate = {name: [s.flops / t for t in times[name]] for name, s in steps.items()}
-    rate["gemm_fp32"] = [gemm_flops / t for t in times["gemm_fp32"]]
-    rate["gemm_auto"] = [gemm_flops / t for t in times["gemm_auto"]] if auto != "fp32" else rate["gemm_fp32"]
+    rate = {name: [flops / t for t in times[name]] for name, (_, flops) in kernels.items()}
+    rate.update({name: [s.flops / t for t in times[name if name in times else "ours_fp32"]]
+                 for name, s in steps.items()})
+    for kind in ("gemm", "conv"):  # where auto is fp32, its kernels are the fp32 ones
+        rate.setdefault(f"{kind}_auto", rate[f"{kind}_fp32"])
     out = {"config": bench.describe(), "auto_precision": auto, "gemm_n": bench.gemm_n, "repeats": bench.repeats,
            "flops_per_step": {n: s.flops for n, s in steps.items()},
            "images_per_s": {n: spread([s.images / t for t in times[n]]) for n, s in steps.items()},
@@ -299,8 +316,13 @@ def step_section(bench: Bench, table: Table) -> dict:
 
 def step_ratios(rate: dict[str, list[float]], steps: dict[str, Step]) -> dict:
     """The round-by-round ratios of section (a)–(c), each as a spread."""
+    # The limit of a round: the faster of its GEMM and its dense convolution at that precision.
+    limit = {p: [max(g, c) for g, c in zip(rate[f"gemm_{p}"], rate[f"conv_{p}"], strict=True)]
+             for p in ("fp32", "auto")}
     ratios = {"ours_fp32_vs_gemm_fp32": round_ratios(rate["ours_fp32"], rate["gemm_fp32"]),
               "ours_auto_vs_gemm_auto": round_ratios(rate["ours_auto"], rate["gemm_auto"]),
+              "ours_fp32_vs_limit_fp32": round_ratios(rate["ours_fp32"], limit["fp32"]),
+              "ours_auto_vs_limit_auto": round_ratios(rate["ours_auto"], limit["auto"]),
               # Same FLOPs in both, so the FLOP/s ratio is the speed-up of auto over fp32.
               "ours_auto_vs_ours_fp32": round_ratios(rate["ours_auto"], rate["ours_fp32"])}
     if "torchvision_fp32" in steps:
@@ -316,12 +338,13 @@ def add_step_rows(out: dict, table: Table, bench: Bench) -> None:
     table.add("(a)", f"train step auto (= {auto}), images/s", fmt_spread(ips["ours_auto"], ""), cfg)
     table.add("(a)", "auto ÷ fp32 speed", fmt_spread(r["ours_auto_vs_ours_fp32"]), cfg)
     table.add("(b)", "FLOPs per step (fwd+bwd)", f"{out['flops_per_step']['ours_fp32'] / 1e9:.1f} GFLOP", cfg)
-    table.add("(b)", f"GEMM {bench.gemm_n}³ fp32, GFLOP/s", fmt_spread(scaled(fps["gemm_fp32"], 1e-9), "", 1), "")
-    table.add("(b)", "ours fp32 ÷ GEMM fp32 (FLOP/s)", fmt_spread(r["ours_fp32_vs_gemm_fp32"]), cfg)
-    if auto != "fp32":
-        table.add("(b)", f"GEMM {bench.gemm_n}³ {auto}, GFLOP/s", fmt_spread(scaled(fps["gemm_auto"], 1e-9), "", 1),
+    conv = f"conv 3×3, 8 × {bench.gemm_n // 8}² ch × 64²"
+    for p, name in (("fp32", "fp32"), *((("auto", auto),) if auto != "fp32" else ())):
+        table.add("(b)", f"GEMM {bench.gemm_n}³ {name}, GFLOP/s", fmt_spread(scaled(fps[f"gemm_{p}"], 1e-9), "", 1),
                   "")
-        table.add("(b)", f"ours {auto} ÷ GEMM {auto} (FLOP/s)", fmt_spread(r["ours_auto_vs_gemm_auto"]), cfg)
+        table.add("(b)", f"{conv} {name}, GFLOP/s", fmt_spread(scaled(fps[f"conv_{p}"], 1e-9), "", 1), "")
+        table.add("(b)", f"ours {name} ÷ GEMM {name} (FLOP/s)", fmt_spread(r[f"ours_{p}_vs_gemm_{p}"]), cfg)
+        table.add("(b)", f"ours {name} ÷ max(GEMM, conv) {name}", fmt_spread(r[f"ours_{p}_vs_limit_{p}"]), cfg)
     if "torchvision_unavailable" in out:
         table.add("(c)", "torchvision step", f"unavailable ({out['torchvision_unavailable']})", "")
     if "ours_fp32_vs_torchvision_fp32" in r:

@@ -48,7 +48,7 @@ def test_split_method_authors_prints_comparison_and_manifest_last(synth_root, ca
     lines = capsys.readouterr().out.strip().splitlines()
     manifest = Path(lines[-1])
     data = json.loads(manifest.read_text())
-    assert data["method"] == "authors" and manifest.name == "train_authors_frac0.2_seed3.json"
+    assert data["method"] == "authors" and manifest.name == "VOC2012_train_authors_frac0.2_seed3.json"
     rows = {ln.split()[0]: ln.split()[1:] for ln in lines[:-1] if ln.split()}
     assert {"per_class", "authors", "min_cover", "pool"} <= set(rows)
     assert rows["authors"] == [str(len(data["ids"])), str(data["n_unique"]), f"{data['mean_classes']:.3f}"]
@@ -76,7 +76,7 @@ def test_module_entry_point(synth_root, tmp_path):
     ok = subprocess.run([*run, str(synth_root), "--seed", "1"], cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     last = ok.stdout.strip().splitlines()[-1]
-    assert Path(last).is_file() and Path(last).name == "train_per_class_frac0.1_seed1.json"
+    assert Path(last).is_file() and Path(last).name == "VOC2012_train_per_class_frac0.1_seed1.json"
     bad = subprocess.run([*run, str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     err = bad.stderr.strip()

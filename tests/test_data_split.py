@@ -79,7 +79,7 @@ def test_quota_no_duplicates_near_minimal(dataset, tmp_path):
     assert man["sha256"] == hashlib.sha256("\n".join(ids).encode()).hexdigest()
     assert man["fraction"] == 0.1 and man["seed"] == 0 and man["split"] == "train"
     assert json.loads(path.read_text()) == man
-    assert path.name == "train_min_cover_frac0.1_seed0.json" and man["method"] == "min_cover"
+    assert path.name == "VOC2012_train_min_cover_frac0.1_seed0.json" and man["method"] == "min_cover"
 
 
 @pytest.mark.parametrize("method", ["per_class", "min_cover"])
@@ -122,7 +122,7 @@ def test_manifest_reused_without_reading_masks(dataset, tmp_path, monkeypatch):
 def test_presence_from_masks(dataset, tmp_path):
     root, presence = dataset
     assert class_presence(root, "train", cache_dir=tmp_path) == presence
-    assert list(tmp_path.glob("presence_train_*.json"))
+    assert list(tmp_path.glob("presence_VOC2012_train_*.json"))
 
 
 def test_default_cache_dir_is_under_root(tmp_path):
@@ -189,7 +189,7 @@ def test_per_class_quota_fields_and_reference(dataset, tmp_path):
     root, presence = dataset
     path, man = make_split(root, 0.1, 0, cache_dir=tmp_path)
     ids = man["ids"]
-    assert path.name == "train_per_class_frac0.1_seed0.json" and man["method"] == "per_class"
+    assert path.name == "VOC2012_train_per_class_frac0.1_seed0.json" and man["method"] == "per_class"
     assert ids == sorted(ids) and len(ids) == len(set(ids)) == man["n_unique"]
     for c in range(1, 21):
         n_c = sum(c in v for v in presence.values())

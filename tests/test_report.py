@@ -47,7 +47,7 @@ def resolved_config(overrides: tuple[str, ...], config_name: str) -> dict:
 def metrics(v: float) -> dict:
     """A best-epoch entry whose every column is a different function of ``v``."""
     per_image = {"mean": v, "std": v / 4, "min": v - 0.2, "median": v + 0.01, "max": v + 0.3}
-    return {"miou": v - 0.05, "val_loss": 1 - v, "per_image_miou": per_image}
+    return {"miou": v - 0.05, "val_loss": 1 - v, "pixel_acc": 0.5 + v / 2, "per_image_miou": per_image}
 
 
 def fake_run(root, overrides: list[str], seed: int = 0, v: float | None = 0.5, *, cell: str | None = None,
@@ -123,6 +123,26 @@ def test_backbones_are_never_one_row_and_columns_are_the_papers(tmp_path, capsys
     assert main([str(tmp_path), "--no-figures"]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Experiment"))
     assert [c.strip() for c in header.strip("|").split("|")] == PAPER_COLUMNS
+
+
+def test_course_columns_show_pixel_accuracy_and_miou(tmp_path, capsys):
+    for seed, v in enumerate((0.4, 0.6)):
+        fake_run(tmp_path, ["cell=spp-uout"], seed, v)
+    fake_run(tmp_path, [], 0, 0.3)
+    assert main([str(tmp_path), "--no-figures", "--columns", "course"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| Experiment"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "Experiment", "runs", "Pixel accuracy", "mIoU (dataset)", "Loss", "Best epoch", "ΔmIoU vs none [95% CI]",
+        "status"]
+    row = next(line for line in lines if line.startswith("| spp-uout"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    half = 12.706 * statistics.stdev([0.7, 0.8]) / math.sqrt(2)  # t(0.975, 1 df) · s / √n
+    assert cells[2] == f"{0.75:.4f} ± {half:.4f}" and cells[3].startswith(f"{0.45:.4f} ± ")
+    csv_header = (tmp_path / "report.csv").read_text().splitlines()[0].split(",")
+    assert {"pixel_acc", "mean", "std"} <= set(csv_header)  # the csv keeps every column
+    with pytest.raises(ValueError, match="columns='table5' is invalid: expected one of paper, course"):
+        ReportCallback(columns="table5")
 
 
 def test_none_is_one_run_shown_under_every_schedule(tmp_path, capsys):
@@ -253,6 +273,6 @@ def test_bad_report_options_fail_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--n-boot", "0"])
     assert exit_info.value.code == 2 and "--n-boot=0 is invalid" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"sheets=\['blocks'\], n_boot=2000 is invalid"):
+    with pytest.raises(ValueError, match=r"sheets=\['blocks'\] is invalid: expected types among chandrop"):
         ReportCallback(sheets=["blocks"])
     assert not (tmp_path / "report.md").exists()

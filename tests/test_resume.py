@@ -99,10 +99,10 @@ def test_checkpoint_every_resumes_from_an_older_last_pt_to_the_same_numbers(voc_
 def test_kill_between_last_and_best_writes_repairs_best_on_resume(voc_root, tmp_path, monkeypatch):
     real_save_best, real_set_up = results_mod.save_best, train_mod.set_up
 
-    def cut_at_epoch_2(run_dir, results, model_state):
-        if results.history[-1]["epoch"] == 2:
+    def cut_at_epoch_2(run_dir, best):
+        if best.epoch == 2:
             raise SystemExit("killed")  # stands in for SIGKILL: epoch 2's last.pt is written, best.pt is not
-        real_save_best(run_dir, results, model_state)
+        real_save_best(run_dir, best)
 
     def set_up_only(cfg, run_dir):
         real_set_up(cfg, run_dir)
@@ -110,11 +110,13 @@ def test_kill_between_last_and_best_writes_repairs_best_on_resume(voc_root, tmp_
 
     # Evaluated at epochs 2 and 3 only, so epoch 2 is the first best and its best.pt is the write cut off.
     cfg = tiny_cfg(voc_root, *RUN, "trainer.eval_every=2")
-    monkeypatch.setattr(results_mod, "save_best", cut_at_epoch_2)
+    for module in (results_mod, train_mod):  # train's own call too: a killed run flushes nothing on its way out
+        monkeypatch.setattr(module, "save_best", cut_at_epoch_2)
     with pytest.raises(SystemExit):
         train_mod.run(cfg, tmp_path)
     assert load_checkpoint(tmp_path / LAST)["epoch"] == 2 and not (tmp_path / BEST).exists()
-    monkeypatch.setattr(results_mod, "save_best", real_save_best)
+    for module in (results_mod, train_mod):
+        monkeypatch.setattr(module, "save_best", real_save_best)
     monkeypatch.setattr(train_mod, "set_up", set_up_only)
     with pytest.raises(_Stop):  # resuming (set_up) repairs best.pt before any training
         train_mod.run(cfg, tmp_path)
@@ -207,3 +209,53 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(voc_root
     assert res["error"] == ("FloatingPointError: training loss is nan at epoch 2, iteration 10 "
                             "(the last good checkpoint is checkpoints/last.pt, epoch 1)")
     assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
+
+
+def test_best_pt_waits_for_a_checkpoint_and_holds_the_best_epochs_weights(voc_root, tmp_path, straight,
+                                                                           monkeypatch):
+    # last.pt every 2 epochs of 3 and not kept: best.pt is written at epoch 2's checkpoint (a best of epoch 1
+    # or 2, before last.pt when it is epoch 1's) and after the run; never at a mere new best, never last.pt at 3.
+    writes, states = [], []
+    real_save, real_set_up = results_mod.save_checkpoint, train_mod.set_up
+
+    def recording(path, state, before_rename=None):  # (file, its epoch, epochs trained when it is written)
+        writes.append((Path(path).name, state["epoch"], len(states[0].results.history)))
+        real_save(path, state, before_rename)
+
+    def keep_state(cfg, run_dir):
+        states.append(real_set_up(cfg, run_dir))
+        return states[-1]
+
+    monkeypatch.setattr(train_mod, "set_up", keep_state)
+    monkeypatch.setattr(results_mod, "save_checkpoint", recording)
+    train_mod.run(tiny_cfg(voc_root, *RUN, "trainer.checkpoint_every=2", "trainer.keep_last=false"), tmp_path)
+    ref = read_results(straight)
+    best_epochs = [e["epoch"] for e in ref["history"] if e["epoch"] <= 2]
+    early = max(best_epochs, key=lambda e: ref["history"][e - 1]["per_image_miou"]["mean"])
+    expected = [("best.pt", early, 2)] if early < 2 else []
+    expected += [("last.pt", 2, 2)] + ([("best.pt", 2, 2)] if early == 2 else [])
+    if ref["best_epoch"] == 3:
+        expected.append(("best.pt", 3, 3))
+    assert writes == expected
+    assert not (tmp_path / LAST).exists()
+    a, b = (load_checkpoint(d / BEST) for d in (straight, tmp_path))
+    assert a["epoch"] == b["epoch"] == ref["best_epoch"]
+    assert metrics_only([a["metrics"]]) == metrics_only([b["metrics"]])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # a copy, not the live weights
+
+
+def test_a_failing_run_writes_the_best_weights_results_json_names(voc_root, tmp_path, straight, monkeypatch):
+    real = train_mod.train_one_epoch
+
+    def fail_in_epoch_3(state, epoch):
+        if epoch == 2:
+            raise RuntimeError("out of memory")
+        return real(state, epoch)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", fail_in_epoch_3)
+    with pytest.raises(RuntimeError):  # no checkpoint before epoch 5: the best waits in memory until the failure
+        train_mod.run(tiny_cfg(voc_root, *RUN, "trainer.checkpoint_every=5"), tmp_path)
+    res = read_results(tmp_path)
+    assert res["status"] == "failed" and not (tmp_path / LAST).exists()
+    best = load_checkpoint(tmp_path / BEST)
+    assert best["epoch"] == res["best_epoch"] and best["metrics"] == res["best"]

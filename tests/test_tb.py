@@ -53,3 +53,24 @@ def test_strip_titles_are_a_caption_band_above_each_panel():
     assert (band[:, :, -4:] == 255).all() and not ink.all()
     empty = strip(image, target, pred, min_height=100, titles=("", "", ""))
     assert (empty[:, :CAPTION_HEIGHT] == 255).all()
+
+
+def test_logged_image_decodes_to_the_same_pixels(tmp_path):
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deeplab_dropout.tb import TBLogger
+
+    img = torch.randint(0, 256, (3, 21, 34), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    logger = TBLogger(tmp_path, {"cell": "none"})
+    logger.image("val_images/x", img, 3)
+    logger.close()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    ea.Reload()
+    [event] = ea.Images("val_images/x")
+    decoded = np.asarray(Image.open(BytesIO(event.encoded_image_string)))
+    assert (event.step, event.height, event.width) == (3, 21, 34)
+    assert np.array_equal(decoded, img.permute(1, 2, 0).numpy())

@@ -1,4 +1,4 @@
-"""Data layer: VOC 2012 reader, generated VOC-format dataset, 10%-per-class split and Table 1 transforms."""
+"""Data layer: VOC 2012 / 2007 reader, generated VOC-format dataset, 10%-per-class split and Table 1 transforms."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,14 +16,15 @@ from deeplab_dropout.data.voc import (
     read_image,
     read_mask,
     read_split_ids,
+    split_file,
     voc_dir,
 )
 
 __all__ = [
     "IGNORE_INDEX", "VOC_CLASSES", "VOC_PALETTE", "DatasetError", "VOCSegmentation", "class_presence",
-    "denormalize", "download_voc", "generate", "get_datasets", "get_transform", "get_val_dataset",
+    "data_year", "denormalize", "download_voc", "generate", "get_datasets", "get_transform", "get_val_dataset",
     "prepare_root", "make_split", "read_image",
-    "read_mask", "read_split_ids", "voc_dir",
+    "read_mask", "read_split_ids", "split_file", "voc_dir",
 ]
 
 
@@ -36,17 +37,25 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def data_year(data_cfg: Any) -> str:
+    """data.year as the folder suffix ("2012", "2007"): Hydra parses `data.year=2007` as an int; configs saved
+    before the key existed are VOC 2012."""
+    return str(data_cfg.get("year", "2012"))
+
+
 def prepare_root(data_cfg: Any) -> Path:
     """The dataset root of the `data` config node, generated (data.synth) or downloaded (data.download) if
-    it isn't there yet."""
-    root = Path(str(data_cfg.root)).expanduser()
+    its VOC<year> split lists aren't there yet."""
+    root, year = Path(str(data_cfg.root)).expanduser(), data_year(data_cfg)
     synth = data_cfg.get("synth")
+    splits = {str(data_cfg.train_split), str(data_cfg.val_split)}
     if synth is not None:
         # generate() reuses a matching dataset and refuses to overwrite anything else.
         generate(root, n_train=int(synth.train), n_val=int(synth.val), seed=int(synth.seed),
-                 min_side=int(synth.min_side), max_side=int(synth.max_side))
-    elif data_cfg.get("download", False) and not voc_dir(root).is_dir():
-        download_voc(root)
+                 min_side=int(synth.min_side), max_side=int(synth.max_side), year=year)
+    elif data_cfg.get("download", False) and not all(split_file(root, s, year).is_file() for s in splits):
+        # VOC 2007's test list and masks come in their own archive.
+        download_voc(root, year, test="test" in splits)
     return root
 
 
@@ -55,7 +64,7 @@ def get_val_dataset(data_cfg: Any) -> VOCSegmentation:
     from deeplab_dropout.data.transforms import get_transform
 
     return VOCSegmentation(prepare_root(data_cfg), str(data_cfg.val_split),
-                           transforms=get_transform(False, data_cfg))
+                           transforms=get_transform(False, data_cfg), year=data_year(data_cfg))
 
 
 def get_datasets(data_cfg: Any, seed: int | None = None) -> tuple[VOCSegmentation, VOCSegmentation, dict]:
@@ -63,13 +72,15 @@ def get_datasets(data_cfg: Any, seed: int | None = None) -> tuple[VOCSegmentatio
     ``seed``, the train augmentation of each sample derives from (seed, epoch, index) (see VOCSegmentation)."""
     from deeplab_dropout.data.transforms import get_transform
 
-    root = prepare_root(data_cfg)
+    root, year = prepare_root(data_cfg), data_year(data_cfg)
     path, manifest = make_split(root, float(data_cfg.fraction), int(data_cfg.split_seed), str(data_cfg.train_split),
-                                method=str(data_cfg.split_method))
+                                method=str(data_cfg.split_method), year=year)
     # `authors` repeats ids on purpose: the dataset then yields such an image once per listing.
-    train = VOCSegmentation(root, str(data_cfg.train_split), ids=manifest["ids"],
-                            transforms=get_transform(True, data_cfg), seed=seed)
-    record = {"manifest": str(path), "sha256": manifest["sha256"], "fraction": manifest["fraction"],
+    # data.augment.repeats = k lists the split k times: each repeat is its own index, so its own augmentation
+    # seed (seed, epoch, index); data.cache decodes a repeated id once.
+    train = VOCSegmentation(root, str(data_cfg.train_split), ids=manifest["ids"] * int(data_cfg.augment.repeats),
+                            transforms=get_transform(True, data_cfg), seed=seed, year=year)
+    record = {"manifest": str(path), "year": year, "sha256": manifest["sha256"], "fraction": manifest["fraction"],
               "seed": manifest["seed"], "method": manifest["method"], "n_images": len(manifest["ids"]),
               "n_unique": manifest["n_unique"], "mean_classes": manifest["mean_classes"],
               "per_class": manifest["per_class"]}

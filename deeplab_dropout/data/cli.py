@@ -5,6 +5,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from deeplab_dropout.config import YEARS
 from deeplab_dropout.data.split import SPLIT_METHODS, class_presence, compare_methods, make_split
 from deeplab_dropout.data.synth import generate
 from deeplab_dropout.data.voc import VOC_CLASSES, DatasetError
@@ -13,8 +14,10 @@ from deeplab_dropout.data.voc import VOC_CLASSES, DatasetError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deeplab-dropout-data", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write a generated dataset as DIR/VOCdevkit/VOC2012 (use data.root=DIR)")
+    s = sub.add_parser("synth", help="write a generated dataset as DIR/VOCdevkit/VOC<year> (use data.root=DIR)")
     s.add_argument("--out", required=True, help="folder to hold VOCdevkit/ (the data.root)")
+    s.add_argument("--year", choices=YEARS, default="2012",
+                   help="data.year: the folder VOCdevkit/VOC<year> to write (default 2012; same images either way)")
     s.add_argument("--train", type=int, default=200, help="train images (default 200)")
     s.add_argument("--val", type=int, default=50, help="val images (default 50)")
     s.add_argument("--seed", type=int, default=0)
@@ -27,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         "(entries, unique images, mean object classes per entry; pool = the whole list, its mean over "
         "images with an object class) and, last, the manifest path.")
     t.add_argument("--root", required=True, help="the folder holding VOCdevkit/ (data.root)")
+    t.add_argument("--year", choices=YEARS, default="2012", help="data.year: split VOCdevkit/VOC<year> (default 2012)")
     t.add_argument("--fraction", type=float, default=0.1, help="share of each class's images (default 0.1)")
     t.add_argument("--seed", type=int, default=0, help="split seed, >= 0 (data.split_seed; default 0)")
     t.add_argument("--split", default="train", help="ImageSets/Segmentation/<split>.txt (default train)")
@@ -56,14 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "synth":
             root = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed,
-                            min_side=args.min_side, max_side=args.max_side)
-            print(f"generated dataset ready; use data.root={root}", file=sys.stderr)
+                            min_side=args.min_side, max_side=args.max_side, year=args.year)
+            print(f"generated dataset ready; use data.root={root} data.year={args.year}", file=sys.stderr)
             print(root)
         else:
             path, manifest = make_split(args.root, fraction=args.fraction, seed=args.seed, split=args.split,
-                                        method=args.method)
+                                        method=args.method, year=args.year)
             # The presence index is cached next to the manifest, so the comparison reads no masks again.
-            presence = class_presence(args.root, args.split)
+            presence = class_presence(args.root, args.split, year=args.year)
             _print_split(path, manifest, compare_methods(presence, args.fraction, args.seed))
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,9 @@ Three ways to do it (`data.split_method`), all seeded and read from the masks' c
   images of every class; it prefers images with many classes, so it is smaller and less typical.
 
 `fraction == 1.0` keeps the whole train list (background-only images included) for every method.
+
+Manifests and presence caches carry the VOC year (``data.year``) in their file name and record, so a VOC 2012
+manifest is never taken for VOC 2007 data under the same root.
 """
 from __future__ import annotations
 
@@ -43,11 +46,11 @@ def _cache_dir(root: str | os.PathLike, cache_dir: str | os.PathLike | None) -> 
 
 
 def class_presence(root: str | os.PathLike, split: str = "train",
-                   cache_dir: str | os.PathLike | None = None) -> dict[str, list[int]]:
-    """Object classes (1..20) present in each mask of `split`, read once and cached as JSON."""
-    ids = read_split_ids(root, split)
+                   cache_dir: str | os.PathLike | None = None, year: str | int = "2012") -> dict[str, list[int]]:
+    """Object classes (1..20) present in each mask of `split` of VOC<year>, read once and cached as JSON."""
+    ids = read_split_ids(root, split, year)
     key = ids_sha256(ids)
-    cache = _cache_dir(root, cache_dir) / f"presence_{split}_{key[:16]}.json"
+    cache = _cache_dir(root, cache_dir) / f"presence_VOC{year}_{split}_{key[:16]}.json"
     if cache.is_file():
         try:
             data = json.loads(cache.read_text())
@@ -55,7 +58,7 @@ def class_presence(root: str | os.PathLike, split: str = "train",
                 return {i: [int(c) for c in data["presence"][i]] for i in ids}
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable cache: rebuild it below
-    mask_dir = voc_dir(root) / "SegmentationClass"
+    mask_dir = voc_dir(root, year) / "SegmentationClass"
     presence: dict[str, list[int]] = {}
     for i in ids:
         counts = np.bincount(read_mask(mask_dir / f"{i}.png").ravel(), minlength=256)
@@ -190,20 +193,21 @@ def compare_methods(presence: dict[str, list[int]], fraction: float, seed: int) 
 
 
 def manifest_path(root: str | os.PathLike, fraction: float, seed: int, split: str = "train",
-                  cache_dir: str | os.PathLike | None = None, method: str = "per_class") -> Path:
-    """Where the manifest of (split, method, fraction, seed) lives."""
-    return _cache_dir(root, cache_dir) / f"{split}_{method}_frac{fraction:g}_seed{seed}.json"
+                  cache_dir: str | os.PathLike | None = None, method: str = "per_class",
+                  year: str | int = "2012") -> Path:
+    """Where the manifest of (year, split, method, fraction, seed) lives."""
+    return _cache_dir(root, cache_dir) / f"VOC{year}_{split}_{method}_frac{fraction:g}_seed{seed}.json"
 
 
 def _load_manifest(path: Path, root: str | os.PathLike, fraction: float, seed: int, split: str,
-                   method: str) -> dict:
+                   method: str, year: str) -> dict:
     try:
         manifest = json.loads(path.read_text())
         ids = manifest["ids"]
         ok = (manifest["sha256"] == ids_sha256(ids) and float(manifest["fraction"]) == float(fraction)
               and int(manifest["seed"]) == int(seed) and manifest.get("split", split) == split
               and int(manifest["n_unique"]) == len(set(ids)) and "mean_classes" in manifest)
-        made_by = manifest["method"]
+        made_by, made_for = manifest["method"], str(manifest.get("year", "2012"))  # no year: VOC 2012
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"unreadable split manifest: {path} ({e}); delete it to recompute") from None
     if not ok:
@@ -211,8 +215,11 @@ def _load_manifest(path: Path, root: str | os.PathLike, fraction: float, seed: i
     if made_by != method:
         raise DatasetError(f"split manifest {path} was made by method {made_by!r}, not {method!r}; "
                            "delete it to recompute")
+    if made_for != year:
+        raise DatasetError(f"split manifest {path} was made for VOC{made_for}, not VOC{year} (data.year); "
+                           "delete it to recompute")
     # Cheap (no masks): the manifest must still describe this dataset's split list.
-    listed = set(read_split_ids(root, split))
+    listed = set(read_split_ids(root, split, year))
     stale = [i for i in ids if i not in listed]
     if stale:
         raise DatasetError(f"split manifest {path} lists ids not in {split}.txt (first: {stale[0]}); "
@@ -221,16 +228,18 @@ def _load_manifest(path: Path, root: str | os.PathLike, fraction: float, seed: i
 
 
 def make_split(root: str | os.PathLike, fraction: float = 0.1, seed: int = 0, split: str = "train",
-               cache_dir: str | os.PathLike | None = None, method: str = "per_class") -> tuple[Path, dict]:
-    """Compute (or reuse) the `method` split of `split`; return (manifest path, manifest dict)."""
+               cache_dir: str | os.PathLike | None = None, method: str = "per_class",
+               year: str | int = "2012") -> tuple[Path, dict]:
+    """Compute (or reuse) the `method` split of `split` of VOC<year>; return (manifest path, manifest dict)."""
     _check_method(method)
+    year = str(year)
     # config.validate checks data.fraction, but `deeplab-dropout-data split --fraction` arrives here unchecked.
     if not 0.0 < float(fraction) <= 1.0:
         raise DatasetError(f"data.fraction must be in (0, 1], got {fraction}")
-    path = manifest_path(root, fraction, seed, split, cache_dir, method)
+    path = manifest_path(root, fraction, seed, split, cache_dir, method, year)
     if path.is_file():
-        return path, _load_manifest(path, root, fraction, seed, split, method)
-    presence = class_presence(root, split, cache_dir)
+        return path, _load_manifest(path, root, fraction, seed, split, method, year)
+    presence = class_presence(root, split, cache_dir, year)
     ids = select_split(presence, fraction, seed, method)
     if not ids:  # e.g. `authors` on a small list: floor(fraction·n_c) is 0 for every class
         raise DatasetError(f"the {method} split of {split}.txt at fraction {fraction} is empty "
@@ -238,7 +247,7 @@ def make_split(root: str | os.PathLike, fraction: float = 0.1, seed: int = 0, sp
     chosen = set(ids)
     per_class = {str(c): {"n": len(imgs), "selected": sum(1 for i in imgs if i in chosen)}
                  for c, imgs in images_by_class(presence).items()}
-    manifest = {"ids": ids, "fraction": fraction, "seed": seed, "split": split, "method": method,
+    manifest = {"ids": ids, "year": year, "fraction": fraction, "seed": seed, "split": split, "method": method,
                 "n_unique": len(chosen), "mean_classes": mean_classes(presence, ids),
                 "pool_mean_classes": mean_classes(presence), "per_class": per_class, "sha256": ids_sha256(ids)}
     write_json(path, manifest)

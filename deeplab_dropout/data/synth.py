@@ -177,10 +177,11 @@ def save_mask(mask: np.ndarray, path: str | os.PathLike) -> None:
     im.save(path, format="PNG", optimize=False)
 
 
-def _existing(out: Path, params: dict) -> bool:
-    """True if `out` already holds this exact generated dataset; raise if it holds anything else."""
-    vdir = voc_dir(out)
-    if not (out / "VOCdevkit").exists():
+def _existing(out: Path, params: dict, year: str) -> bool:
+    """True if `out` already holds this exact generated dataset as VOC<year>; raise if that folder holds anything
+    else (other years' folders beside it are left alone)."""
+    vdir = voc_dir(out, year)
+    if not vdir.exists():
         return False
     meta = vdir / "synth.json"
     try:
@@ -190,51 +191,57 @@ def _existing(out: Path, params: dict) -> bool:
     if found != params:
         what = f"a generated dataset with {found}" if isinstance(found, dict) else "other data (no synth.json)"
         raise DatasetError(
-            f"refusing to overwrite {out / 'VOCdevkit'}: it holds {what}, not {params}; "
+            f"refusing to overwrite {vdir}: it holds {what}, not {params}; "
             "use another --out / data.root or delete that folder"
         )
     return True
 
 
+def _write(vdir: Path, n_train: int, n_val: int, seed: int, min_side: int, max_side: int) -> None:
+    """Render the images and masks into `vdir` and list them in ImageSets/Segmentation/{train,val,trainval}.txt."""
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (vdir / sub).mkdir(parents=True)
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    for index in range(n_train + n_val):
+        split, local = ("train", index) if index < n_train else ("val", index - n_train)
+        image_id = f"synth_{index:06d}"
+        # Each image has its own stream: independent of generation order.
+        rng = np.random.default_rng([seed, index])
+        forced = local % N_OBJ_CLASSES + 1 if local < N_OBJ_CLASSES else None
+        img, label = _render(rng, min_side, max_side, forced)
+        Image.fromarray(img).save(vdir / "JPEGImages" / f"{image_id}.jpg", quality=90)
+        save_mask(label, vdir / "SegmentationClass" / f"{image_id}.png")
+        splits[split].append(image_id)
+    sets = vdir / "ImageSets" / "Segmentation"
+    for name, ids in (*splits.items(), ("trainval", splits["train"] + splits["val"])):
+        (sets / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+
+
 def generate(out: str | os.PathLike, n_train: int = 200, n_val: int = 50, seed: int = 0,
-             min_side: int = 300, max_side: int = 500) -> Path:
-    """Write (or reuse) `out/VOCdevkit/VOC2012` with JPEGs, palette PNG masks and ImageSets; return `out`."""
+             min_side: int = 300, max_side: int = 500, year: str | int = "2012") -> Path:
+    """Write (or reuse) `out/VOCdevkit/VOC<year>` with JPEGs, palette PNG masks and ImageSets; return `out`.
+    The year names the folder only: every year gets the same images for the same parameters."""
     if n_train < 1 or n_val < 1:
         raise DatasetError(f"synthetic dataset needs at least 1 train and 1 val image (got {n_train}, {n_val})")
     if not 16 <= min_side <= max_side:
         raise DatasetError(f"synthetic image sides need 16 <= min_side <= max_side (got {min_side}, {max_side})")
-    out = Path(out).expanduser()
+    out, year = Path(out).expanduser(), str(year)
     params = _params(int(n_train), int(n_val), int(seed), int(min_side), int(max_side))
-    if _existing(out, params):
+    if _existing(out, params, year):
         return out
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "VOCdevkit").mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp folder and rename at the end, so a crash or a parallel run never
     # leaves a half-written dataset that later looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=out))
     try:
-        vdir = voc_dir(tmp)
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-            (vdir / sub).mkdir(parents=True)
-        splits: dict[str, list[str]] = {"train": [], "val": []}
-        for index in range(n_train + n_val):
-            split, local = ("train", index) if index < n_train else ("val", index - n_train)
-            image_id = f"synth_{index:06d}"
-            # Each image has its own stream: independent of generation order.
-            rng = np.random.default_rng([seed, index])
-            forced = local % N_OBJ_CLASSES + 1 if local < N_OBJ_CLASSES else None
-            img, label = _render(rng, min_side, max_side, forced)
-            Image.fromarray(img).save(vdir / "JPEGImages" / f"{image_id}.jpg", quality=90)
-            save_mask(label, vdir / "SegmentationClass" / f"{image_id}.png")
-            splits[split].append(image_id)
-        sets = vdir / "ImageSets" / "Segmentation"
-        for name, ids in (*splits.items(), ("trainval", splits["train"] + splits["val"])):
-            (sets / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+        vdir = voc_dir(tmp, year)
+        _write(vdir, int(n_train), int(n_val), int(seed), int(min_side), int(max_side))
         (vdir / "synth.json").write_text(json.dumps(params, indent=2) + "\n")
         try:
-            os.rename(tmp / "VOCdevkit", out / "VOCdevkit")
+            os.rename(vdir, voc_dir(out, year))
         except OSError:
             # Someone else finished first: fine if it is the same dataset.
-            if not _existing(out, params):
+            if not _existing(out, params, year):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -103,9 +103,17 @@ def get_transform(train: bool, data_cfg: Any) -> SegTransform:
     base = int(_get(data_cfg, "base_size"))
     if train:
         lo, hi = (float(s) for s in _get(data_cfg, "scale_range"))
+        degrees = float(_get(_get(data_cfg, "augment"), "rotation_degrees"))
+        # data.augment.rotation_degrees: before the crop, so the crop draws from the rotated image and its void
+        # corners (label 255, image 0 as the pad) are only where the rotated frame does not reach, not four cut
+        # corners in every crop; after the resize (the two commute) it works on the scaled image the crop sees.
+        # Masks are rotated with NEAREST (torchvision's rotate_mask).
+        # 0 adds no step, so Table 1 runs draw the same random numbers as before the option existed.
+        rotate = [v2.RandomRotation(degrees, v2.InterpolationMode.BILINEAR, fill=_FILL)] if degrees > 0 else []
         steps: list[v2.Transform] = [
             # Short side uniform in [lo, hi] × base_size (RandomResize samples an int short side).
             v2.RandomResize(max(1, round(base * lo)), max(1, round(base * hi)) + 1),
+            *rotate,
             PadTo(crop),
             v2.RandomCrop(crop),
             v2.RandomHorizontalFlip(float(_get(data_cfg, "flip_p"))),

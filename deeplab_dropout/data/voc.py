@@ -1,4 +1,5 @@
-"""PASCAL VOC 2012 segmentation reader with one-line, file-naming errors for every data problem."""
+"""PASCAL VOC segmentation reader (VOC 2012, or VOC 2007 with ``year="2007"``) with one-line, file-naming
+errors for every data problem."""
 from __future__ import annotations
 
 import hashlib
@@ -46,27 +47,34 @@ class DatasetError(ValueError):
     """A problem with the data on disk; the message is one line naming the file and what is wrong."""
 
 
-def voc_dir(root: str | os.PathLike) -> Path:
-    """The VOC 2012 folder under a data root: `root/VOCdevkit/VOC2012`."""
-    return Path(root).expanduser() / "VOCdevkit" / "VOC2012"
+def voc_dir(root: str | os.PathLike, year: str | int = "2012") -> Path:
+    """The VOC folder of ``year`` under a data root: `root/VOCdevkit/VOC<year>` (e.g. VOC2012)."""
+    return Path(root).expanduser() / "VOCdevkit" / f"VOC{year}"
 
 
-def _check_root(root: str | os.PathLike) -> Path:
+def _check_root(root: str | os.PathLike, year: str | int = "2012") -> Path:
     root_p = Path(root).expanduser()
     fix = ("data.root must be the folder holding VOCdevkit/; `deeplab-dropout-data synth --out DIR` "
            "or data.download=true produce one")
     if not root_p.is_dir():
         raise DatasetError(f"data root not found: {root_p.resolve()} ({fix})")
-    vdir = voc_dir(root_p)
+    vdir = voc_dir(root_p, year)
     if not vdir.is_dir():
-        raise DatasetError(f"no VOCdevkit/VOC2012 folder in data root: {vdir.resolve()} is missing ({fix})")
+        raise DatasetError(f"no VOCdevkit/VOC{year} folder in data root: {vdir.resolve()} is missing ({fix}; "
+                           f"data.year={year})")
     return vdir
 
 
-def read_split_ids(root: str | os.PathLike, split: str) -> list[str]:
-    """Image ids listed in `ImageSets/Segmentation/<split>.txt` (the root and its structure are checked)."""
-    vdir = _check_root(root)
-    path = vdir / "ImageSets" / "Segmentation" / f"{split}.txt"
+def split_file(root: str | os.PathLike, split: str, year: str | int = "2012") -> Path:
+    """The list of a split: `root/VOCdevkit/VOC<year>/ImageSets/Segmentation/<split>.txt`."""
+    return voc_dir(root, year) / "ImageSets" / "Segmentation" / f"{split}.txt"
+
+
+def read_split_ids(root: str | os.PathLike, split: str, year: str | int = "2012") -> list[str]:
+    """Image ids listed in `ImageSets/Segmentation/<split>.txt` of VOC<year> (the root and its structure are
+    checked)."""
+    _check_root(root, year)
+    path = split_file(root, split, year)
     if not path.is_file():
         raise DatasetError(f"split file not found: {path} (expected ImageSets/Segmentation/{split}.txt)")
     try:
@@ -122,17 +130,24 @@ def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     return mask
 
 
-def download_voc(root: str | os.PathLike) -> Path:
-    """Fetch VOC 2012 trainval into `root` with torchvision's downloader (about 2 GB; needs internet)."""
+def download_voc(root: str | os.PathLike, year: str | int = "2012", test: bool = False) -> Path:
+    """Fetch VOC<year> trainval into `root` with torchvision's downloader (needs internet): 2012 is
+    VOCtrainval_11-May-2012 (2 GB), 2007 VOCtrainval_06-Nov-2007 (0.45 GB, segmentation train/val/trainval);
+    ``test`` (2007 only) also fetches VOCtest_06-Nov-2007 (0.45 GB), which holds the 2007 test list and masks."""
     from torchvision.datasets import VOCSegmentation as _TVVOC
 
+    year = str(year)
     root_p = Path(root).expanduser()
     root_p.mkdir(parents=True, exist_ok=True)
+    if test and year != "2007":
+        raise DatasetError(f"VOC {year} has no public test masks (only VOC 2007 does); use another split")
     try:
-        _TVVOC(str(root_p), year="2012", image_set="trainval", download=True)
+        # torchvision skips an archive already in root with the right md5, so a second call re-extracts only.
+        for image_set in ("trainval", "test") if test else ("trainval",):
+            _TVVOC(str(root_p), year=year, image_set=image_set, download=True)
     except Exception as e:  # network / checksum failures: keep the one-line contract
-        raise DatasetError(f"VOC 2012 download into {root_p} failed: {one_line(e)}") from None
-    return voc_dir(root_p)
+        raise DatasetError(f"VOC {year} download into {root_p} failed: {one_line(e)}") from None
+    return voc_dir(root_p, year)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -142,7 +157,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class VOCSegmentation(torch.utils.data.Dataset):
-    """VOC-layout segmentation dataset (real VOC 2012 or the generated one) yielding (image, mask)."""
+    """VOC-layout segmentation dataset (real VOC 2012 / 2007, or the generated one) yielding (image, mask);
+    the data is `root/VOCdevkit/VOC<year>`."""
 
     def __init__(
         self,
@@ -151,9 +167,11 @@ class VOCSegmentation(torch.utils.data.Dataset):
         ids: Sequence[str] | None = None,
         transforms: Callable[[Image.Image, np.ndarray], Any] | None = None,
         seed: int | None = None,
+        year: str | int = "2012",
     ) -> None:
         self.root = Path(root).expanduser()
         self.split = split
+        self.year = str(year)
         self.transforms = transforms
         # With a seed, sample i's random augmentation in epoch e is a function of (seed, e, i) alone:
         # the same whichever loader worker (or the main process) draws it. The runner sets ``epoch``.
@@ -161,19 +179,19 @@ class VOCSegmentation(torch.utils.data.Dataset):
         # In shared memory: persistent loader workers (copies of this object) see the epoch the runner sets.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # preload(): i -> uint8 image, mask
-        listed = read_split_ids(self.root, split)
+        listed = read_split_ids(self.root, split, self.year)
         if ids is None:
             self.ids = listed
         else:
             self.ids = [str(i) for i in ids]
             unknown = sorted(set(self.ids) - set(listed))
             if unknown:
-                split_file = voc_dir(self.root) / "ImageSets" / "Segmentation" / f"{split}.txt"
                 raise DatasetError(
-                    f"{len(unknown)} requested ids are not in {split_file} (first: {unknown[0]}); "
+                    f"{len(unknown)} requested ids are not in {split_file(self.root, split, self.year)} "
+                    f"(first: {unknown[0]}); "
                     "the split manifest was made for other data"
                 )
-        vdir = voc_dir(self.root)
+        vdir = voc_dir(self.root, self.year)
         self._img_dir = vdir / "JPEGImages"
         self._mask_dir = vdir / "SegmentationClass"
         for folder in (self._img_dir, self._mask_dir):
@@ -245,4 +263,5 @@ class VOCSegmentation(torch.utils.data.Dataset):
             return self.transforms(image, mask)
 
     def __repr__(self) -> str:
-        return f"VOCSegmentation(root={str(self.root)!r}, split={self.split!r}, n={len(self.ids)})"
+        return (f"VOCSegmentation(root={str(self.root)!r}, year={self.year!r}, split={self.split!r}, "
+                f"n={len(self.ids)})")
