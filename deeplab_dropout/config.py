@@ -20,16 +20,19 @@ BACKBONES: dict[str, tuple[list[int], bool]] = {
     "resnet101": ([3, 4, 23, 3], True),
     "resnet152": ([3, 8, 36, 3], True),
 }
-NET_ARCHS = ("fcn", "unet", "fpn")  # built by deeplab_dropout.nets (model=fcn_resnet101 | unet | fpn_resnet101)
+NET_ARCHS = ("fcn", "unet", "fpn", "encdec")  # deeplab_dropout.nets (model=fcn_resnet101 | unet | fpn_resnet101 |
+                                               # course_fcn)
 ARCHS = ("deeplabv3plus", "torchvision_deeplabv3", *NET_ARCHS)
 # The Table 2 parts (placement words) each architecture has regulariser sites for (README "Models and sites").
 ARCH_PARTS = {"deeplabv3plus": ("resnet", "spp", "decoder"), "torchvision_deeplabv3": (),
-              "fcn": ("resnet", "decoder"), "unet": ("resnet", "spp", "decoder"), "fpn": ("resnet", "spp", "decoder")}
+              "fcn": ("resnet", "decoder"), "unet": ("resnet", "spp", "decoder"), "fpn": ("resnet", "spp", "decoder"),
+              "encdec": ("resnet", "spp", "decoder")}
 PLACEMENT_PARTS = {"none": (), "resnet": ("resnet",), "spp": ("spp",), "decoder": ("decoder",),
                    "upper": ("spp", "decoder"), "all": ("resnet", "spp", "decoder")}
 # Named weights per architecture (besides a file; the U-Net takes none: random init only).
 PRETRAINED = {"deeplabv3plus": ("imagenet", "none"), "torchvision_deeplabv3": ("coco_with_voc_labels", "none"),
-              "fcn": ("imagenet", "coco_with_voc_labels", "none"), "unet": ("none",), "fpn": ("imagenet", "none")}
+              "fcn": ("imagenet", "coco_with_voc_labels", "none"), "unet": ("none",), "fpn": ("imagenet", "none"),
+              "encdec": ("none",)}
 OUTPUT_STRIDES = (8, 16)
 POOL_NORMS = ("bn", "none")
 DROPOUT_NAMES = ("none", "channel", "dropblock", "uout")
@@ -39,8 +42,12 @@ RESNET_STAGES = (1, 2, 3, 4)
 SCHEDULE_NAMES = ("constant", "linear")
 GRANULARITIES = ("iteration", "epoch")
 SPLIT_METHODS = ("per_class", "authors", "min_cover")
+YEARS = ("2007", "2012")  # data.year: reads VOCdevkit/VOC<year> (an int in conf/data; checked and used as str)
 VAL_CROPS = ("center", "full")
-LOSSES = ("ce",)
+LOSSES = ("ce", "focal")
+CLASS_WEIGHTS = ("none", "inverse_frequency", "log_inverse_frequency")  # or a list (deeplab_dropout.class_weights)
+OPTIMIZERS = ("sgd_poly", "adamw")  # optim.name: torch.optim.SGD | torch.optim.AdamW
+LR_SCHEDULES = ("poly", "cosine", "cosine_restarts")  # optim.schedule (schedules.lr_at)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_PRECISIONS = ("fp32", "same")
 DATA_CACHES = ("auto", "ram", "off")
@@ -142,6 +149,8 @@ def _net(cfg: DictConfig) -> None:
                               f"classes, got model.backbone={m.backbone}, model.num_classes={m.num_classes}")
     elif m.arch == "unet":
         _number("model.unet_base_channels", m.unet_base_channels, 1, integer=True)
+    elif m.arch == "encdec":
+        _course_channels(m.channels)
     else:
         _number("model.fpn_channels", m.fpn_channels, 1, integer=True)
         _number("model.head_channels", m.head_channels, 1, integer=True)
@@ -151,20 +160,30 @@ def _net(cfg: DictConfig) -> None:
     if m.arch != "fcn" and pl.spp and pl.spp_sites != "output":
         raise ConfigError(f"placement.spp_sites={pl.spp_sites} is invalid for model={m.name}: expected output "
                           f"(it has no ASPP branches)")
-    if m.arch == "unet" and pl.resnet and pl.resnet_sites not in ("blocks", "stages"):
+    if m.arch in ("unet", "encdec") and pl.resnet and pl.resnet_sites not in ("blocks", "stages"):
         raise ConfigError(f"placement.resnet_sites={pl.resnet_sites} is invalid for model={m.name}: expected "
                           f"blocks or stages (both: after each encoder level)")
+
+
+def _course_channels(channels) -> None:
+    """The course encoder-decoder's widths: one per encoder block, 5 blocks (the placement stages 1..4 name
+    blocks 1..4; the 5th block's output is the spp site)."""
+    widths = list(channels) if OmegaConf.is_list(channels) else channels
+    if not (isinstance(widths, list) and len(widths) == 5 and all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in widths)):
+        raise invalid("model.channels", widths, "a list of 5 positive integers (encoder widths), e.g. [32, 64, 128, "
+                      "256, 512]")
 
 
 def _model(cfg: DictConfig) -> None:
     m = cfg.model
     _one_of("model.arch", m.arch, ARCHS)
-    if m.arch != "unet":  # the U-Net has no ResNet (model.backbone: none)
+    if m.arch not in ("unet", "encdec"):  # no ResNet in these (model.backbone: none)
         _one_of("model.backbone", m.backbone, BACKBONES)
     _one_of("model.output_stride", m.output_stride, OUTPUT_STRIDES)
     named = PRETRAINED[m.arch]
-    if m.arch == "unet" and m.pretrained not in named:
-        raise invalid("model.pretrained", m.pretrained, "none (model.arch=unet is trained from random init)")
+    if m.arch in ("unet", "encdec") and m.pretrained not in named:
+        raise invalid("model.pretrained", m.pretrained, f"none (model.arch={m.arch} is trained from random init)")
     if m.pretrained not in named and not Path(str(m.pretrained)).expanduser().is_file():
         raise invalid("model.pretrained", m.pretrained, f"{', '.join(named)} or an existing file")
     _number("model.num_classes", m.num_classes, 2, integer=True)
@@ -184,6 +203,9 @@ def _data(d: DictConfig) -> None:
     _number("data.base_size", d.base_size, 1, integer=True)
     _one_of("data.val_crop", d.val_crop, VAL_CROPS)
     _one_of("data.split_method", d.split_method, SPLIT_METHODS)
+    year = d.get("year", "2012")  # Hydra parses data.year=2007 as an int: the code uses str(year)
+    if str(year) not in YEARS:
+        raise invalid("data.year", year, "one of " + ", ".join(YEARS))
     lo, hi = d.scale_range
     if not 0 < lo <= hi:
         raise invalid("data.scale_range", list(d.scale_range), "[min, max] with 0 < min <= max")
@@ -194,6 +216,13 @@ def _data(d: DictConfig) -> None:
     _number("data.blur_p", d.blur_p, 0, 1)
     _one_of("data.cache", d.cache, DATA_CACHES)
     _one_of("data.val_cache", d.val_cache, VAL_CACHES)
+    _augment(d.augment)
+
+
+def _augment(a: DictConfig) -> None:
+    """The training augmentation beyond Table 1 (data.transforms, data.get_datasets)."""
+    _number("data.augment.rotation_degrees", a.rotation_degrees, 0, 180)
+    _number("data.augment.repeats", a.repeats, 1, integer=True)
 
 
 def _dropout_and_schedule(cfg: DictConfig) -> None:
@@ -213,15 +242,62 @@ def _dropout_and_schedule(cfg: DictConfig) -> None:
                       "schedule=linear)")
 
 
+def _loss(cfg: DictConfig) -> None:
+    """The loss group (loss.make_criterion): name, reduction, class weights, focal γ and α."""
+    lo = cfg.loss
+    # The name follows the option file: loss.name=focal over loss=ce's keys would lack gamma and alpha.
+    _one_of("loss.name", lo.name, LOSSES if "gamma" in lo else ("ce",))
+    _one_of("loss.batch_average", lo.batch_average, (True, False))
+    w, k = lo.class_weights, cfg.model.num_classes
+    if OmegaConf.is_list(w) or isinstance(w, list):
+        w = list(w)
+        numbers = all(isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < float("inf") for x in w)
+        if not (len(w) == k and numbers and any(x > 0 for x in w)):
+            raise invalid("loss.class_weights", w, f"{', '.join(CLASS_WEIGHTS)} or a list of model.num_classes={k} "
+                          "finite numbers >= 0, at least one > 0")
+    else:
+        _one_of("loss.class_weights", w, CLASS_WEIGHTS)
+    if lo.name == "focal":
+        _number("loss.gamma", lo.gamma, 0)
+        if lo.alpha is not None:
+            _number("loss.alpha", lo.alpha, 0, 1, low_open=True, high_open=True)
+
+
 def _optim_and_loss(cfg: DictConfig) -> None:
-    _one_of("loss.name", cfg.loss.name, LOSSES)
-    _one_of("loss.batch_average", cfg.loss.batch_average, (True, False))
-    o = cfg.optim
+    _loss(cfg)
+    _optim(cfg.optim)
+
+
+def _optim(o: DictConfig) -> None:
+    """The optimiser (train.make_optimizer) and its LR schedule (schedules.lr_at)."""
+    _one_of("optim.name", o.name, OPTIMIZERS)
     _number("optim.lr", o.lr, 0, low_open=True)
     _number("optim.head_lr_mult", o.head_lr_mult, 0, low_open=True)
-    _number("optim.momentum", o.momentum, 0, 1)
     _number("optim.weight_decay", o.weight_decay, 0)
+    _one_of("optim.schedule", o.schedule, LR_SCHEDULES)
     _number("optim.poly_power", o.poly_power, 0)
+    _number("optim.eta_min", o.eta_min, 0)
+    if o.schedule != "poly":  # only the cosines read these (t_max_epochs is trainer.epochs by default)
+        if o.eta_min >= o.lr:
+            raise invalid("optim.eta_min", o.eta_min, f"a number in [0, optim.lr={o.lr}) with optim.schedule="
+                          f"{o.schedule}")
+        _number("optim.t_max_epochs", o.t_max_epochs, 1)
+    if o.name == "sgd_poly":
+        _number("optim.momentum", o.momentum, 0, 1)
+        _check_bool("optim.nesterov", o.nesterov)
+        if o.nesterov and o.momentum == 0:
+            raise invalid("optim.nesterov", o.nesterov, "false with optim.momentum=0 (Nesterov needs momentum)")
+        return
+    if "betas" not in o:  # optim.name=adamw typed over optim=sgd_poly's keys
+        raise invalid("optim.name", o.name, "the optimiser's own option file: optim=adamw (optim.name follows it)")
+    for key in ("momentum", "nesterov"):  # SGD's: with AdamW a value would be silently ignored
+        if o[key] is not None:
+            raise invalid(f"optim.{key}", o[key], f"null with optim.name={o.name} (AdamW's momentum is betas[0])")
+    betas = list(o.betas) if OmegaConf.is_list(o.betas) else o.betas
+    if not (isinstance(betas, list) and len(betas) == 2 and all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise invalid("optim.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _number("optim.eps", o.eps, 0, low_open=True)
 
 
 def _trainer(cfg: DictConfig) -> None:
@@ -249,7 +325,7 @@ def _trainer(cfg: DictConfig) -> None:
         raise invalid("trainer.compile_backend", t.compile_backend, "a torch.compile backend name, e.g. inductor")
     for key in ("rerun", "keep_last", "compile"):
         _check_bool(f"trainer.{key}", t[key])
-    for key in ("max_train_steps", "max_val_images"):
+    for key in ("max_train_steps", "max_val_images", "early_stop_patience"):
         if t[key] is not None:
             _number(f"trainer.{key}", t[key], 1, integer=True)
 

@@ -1,5 +1,6 @@
-"""FCN-ResNet, U-Net and ResNet-FPN (``model=fcn_resnet101 | unet | fpn_resnet101``) with the study's
-regulariser sites; model.build_model and model.regularizer_sites hand these architectures over to here."""
+"""FCN-ResNet, U-Net, ResNet-FPN and the VOC 2007 course report's encoder-decoder (``model=fcn_resnet101 |
+unet | fpn_resnet101 | course_fcn``) with the study's regulariser sites; model.build_model and
+model.regularizer_sites hand these architectures over to here."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -26,11 +27,13 @@ from deeplab_dropout.model import (
 )
 from deeplab_dropout.model import regularizer_sites as deeplab_sites
 
-__all__ = ["ARCHS", "FCN", "UNet", "FPN", "build", "regularizer_sites", "UNET_LEVELS", "FPN_HEAD_CONVS"]
+__all__ = ["ARCHS", "FCN", "UNet", "FPN", "CourseFCN", "build", "regularizer_sites", "UNET_LEVELS", "FPN_HEAD_CONVS",
+           "COURSE_CHANNELS"]
 
 ARCHS = NET_ARCHS
 UNET_LEVELS = 5               # Ronneberger et al.: 4 encoder levels + the bottleneck, channels base x 2^i
 FPN_HEAD_CONVS = (1, 1, 2, 3)  # semantic-FPN head: 3x3 convs on P2..P5, each but P2's followed by a x2 up
+COURSE_CHANNELS = (32, 64, 128, 256, 512)  # the course report's encoder widths (3.1); the decoder mirrors them
 
 
 def _up(x: Tensor, size) -> Tensor:
@@ -165,11 +168,7 @@ class UNet(SegmentationModel):
         self.backbone = UNetEncoder(base_channels)
         self.aspp = UNetBottleneck(base_channels)
         self.decoder = UNetDecoder(base_channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        _xavier_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
@@ -256,6 +255,94 @@ class FPN(SegmentationModel):
         return _up(self.decoder(self.aspp(self.backbone(x))), x.shape[-2:])
 
 
+# --- the VOC 2007 course report's encoder-decoder -----------------------------------------------------------
+
+class CourseBlock(nn.Module):
+    """3x3 conv (stride 2) or transposed conv (x2 up) -> BN -> ReLU, then the block's regulariser slot ``drop``.
+    No conv bias: the BN right after it subtracts any bias again."""
+
+    def __init__(self, cin: int, cout: int, up: bool = False) -> None:
+        super().__init__()
+        self.conv = (nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=False) if up
+                     else nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False))
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.relu(self.bn(self.conv(x))))
+
+
+class CourseEncoder(nn.Module):
+    """conv1..conv5 of the report: each halves H and W."""
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        pairs = zip([3, *channels[:-1]], channels, strict=True)
+        self.levels = nn.ModuleList(CourseBlock(cin, cout) for cin, cout in pairs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for level in self.levels:
+            x = level(x)
+        return x
+
+
+class CourseBridge(nn.Module):
+    """Between encoder and decoder: no layers, only the slot where the report put its dropout (the spp site)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(x)
+
+
+class CourseDecoder(nn.Module):
+    """deconv1..deconv5 (x2 up each; the encoder's widths backwards, the first keeping the deepest), then the
+    1x1 classifier."""
+
+    def __init__(self, channels: list[int], num_classes: int) -> None:
+        super().__init__()
+        widths = [channels[-1], *reversed(channels)]  # 512 -> 512 -> 256 -> ... -> 32 for the report's widths
+        pairs = zip(widths[:-1], widths[1:], strict=True)
+        self.levels = nn.ModuleList(CourseBlock(cin, cout, up=True) for cin, cout in pairs)
+        self.classifier = nn.Conv2d(channels[0], num_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for level in self.levels:
+            x = level(x)
+        return self.classifier(x)
+
+
+class CourseFCN(SegmentationModel):
+    """The VOC 2007 course report's baseline (section 3.1): 5 x (3x3 conv stride 2 -> BN -> ReLU), 5 x (3x3
+    transposed conv x2 -> BN -> ReLU), 1x1 classifier; Xavier init. The input is zero-padded to a multiple of
+    2^5 and the logits cropped back, so any H x W works. Children ``backbone`` (encoder), ``aspp`` (the empty
+    bridge), ``decoder``."""
+
+    def __init__(self, num_classes: int = 21, channels: tuple[int, ...] = COURSE_CHANNELS) -> None:
+        super().__init__()
+        self.backbone = CourseEncoder(list(channels))
+        self.aspp = CourseBridge()
+        self.decoder = CourseDecoder(list(channels), num_classes)
+        _xavier_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        m = 2 ** len(self.backbone.levels)  # every stride-2 conv then halves exactly and every deconv doubles back
+        return self.decoder(self.aspp(self.backbone(F.pad(x, (0, -w % m, 0, -h % m)))))[..., :h, :w]
+
+
+def _xavier_init(model: nn.Module) -> None:
+    """Xavier-uniform conv and transposed-conv weights, zero biases (the course report's init)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 # --- building and sites -----------------------------------------------------------------------------------
 # Every model has ``backbone`` (trained at optim.lr; the rest at optim.lr x optim.head_lr_mult) and empty
 # ``nn.Identity`` slots that model.place_regularizers fills, so the placement words keep their meaning.
@@ -264,11 +351,12 @@ class FPN(SegmentationModel):
 # | fcn   | backbone blocks (as DeepLabv3+) | none: no context module    | after the FCN head's 3x3 conv   |
 # | unet  | after each encoder level        | after the bottleneck       | after each decoder level        |
 # | fpn   | backbone blocks (as DeepLabv3+) | each FPN output P2..P5     | after each semantic-head conv   |
+# | encdec| after encoder blocks 1..4       | encoder -> decoder (5a)    | after each transposed-conv block|
 # config.validate refuses placements a model lacks (ARCH_PARTS), so this code trusts them.
 
 def _resnet_sites(cfg) -> list[str]:
     """The ResNet sites exactly as DeepLabv3+ has them (the same backbone module names)."""
-    if cfg.model.arch == "unet":  # an encoder level is both a block and a stage
+    if cfg.model.arch in ("unet", "encdec"):  # an encoder level is both a block and a stage
         return [f"backbone.levels.{s - 1}.drop" for s in sorted(int(s) for s in cfg.placement.resnet_stages)]
     as_deeplab = OmegaConf.merge(cfg, {"model": {"arch": "deeplabv3plus"},
                                        "placement": {"resnet": True, "spp": False, "decoder": False}})
@@ -283,19 +371,23 @@ def regularizer_sites(cfg) -> list[str]:
         return []
     sites = _resnet_sites(cfg) if pl.resnet else []
     if pl.spp:
-        sites += ["aspp.drop"] if arch == "unet" else [f"aspp.drops.{i}" for i in range(len(FPN_HEAD_CONVS))]
+        single = arch in ("unet", "encdec")  # one context slot (bottleneck / bridge); FPN has one per level
+        sites += ["aspp.drop"] if single else [f"aspp.drops.{i}" for i in range(len(FPN_HEAD_CONVS))]
     if pl.decoder:
         if arch == "fcn":
             sites.append("decoder.3")
         elif arch == "unet":
             sites += [f"decoder.levels.{i}.drop" for i in range(UNET_LEVELS - 1)]
+        elif arch == "encdec":
+            sites += [f"decoder.levels.{i}.drop" for i in range(len(cfg.model.channels))]
         else:
             sites += [f"decoder.levels.{lv}.{k}.drop" for lv, n in enumerate(FPN_HEAD_CONVS) for k in range(n)]
     return sites
 
 
 def build(cfg) -> SegmentationModel:
-    """The FCN, U-Net or FPN of a composed config (validated first), weights loaded, regularisers placed."""
+    """The FCN, U-Net, FPN or course encoder-decoder of a composed config (validated first), weights loaded,
+    regularisers placed."""
     validate(cfg)
     m = cfg.model
     if m.arch == "fcn":
@@ -305,6 +397,8 @@ def build(cfg) -> SegmentationModel:
             p.requires_grad_(False)  # SGD skips parameters without a gradient
     elif m.arch == "unet":
         model = UNet(int(m.num_classes), int(m.unet_base_channels))
+    elif m.arch == "encdec":
+        model = CourseFCN(int(m.num_classes), tuple(int(c) for c in m.channels))
     else:
         model = FPN(m.backbone, int(m.num_classes), int(m.fpn_channels), int(m.head_channels))
         load_backbone_weights(model.backbone, str(m.pretrained))

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import re
 import shlex
 import sys
 from collections.abc import Callable, Iterable
@@ -47,6 +48,7 @@ MARK = "†"
 DELTA, UP, DOWN = "ΔmIoU vs none [95% CI]", "▲", "▼"
 FOOTNOTE = f"{MARK} the same run(s) in every table: without a regulariser the schedule changes nothing"
 ABSENT = "(unset)"
+MAX_LABEL_KEYS = 3  # a row label lists at most this many distinguishing keys (else its sweep folder)
 
 
 def _under(key: str, prefixes: Iterable[str]) -> bool:
@@ -194,11 +196,28 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def common_folder(runs: list[dict]) -> str | None:
+    """The run folder name the runs share once their ``seed=N`` part is left out (a sweep's override dirname,
+    e.g. ``recipe=unet``), or None."""
+    names = {",".join(part for part in Path(r["path"]).name.split(",") if not re.fullmatch(r"seed=\d+", part))
+             for r in runs}
+    return names.pop() if len(names) == 1 and "" not in names else None
+
+
+def row_label(exp: dict, shown: dict[str, Any]) -> str:
+    """The cell and its distinguishing key values; with more than MAX_LABEL_KEYS of them, the cell and the
+    sweep folder the runs share (the keys stay in ``keys``, report.csv and report.json)."""
+    folder = common_folder(exp["runs"])
+    if len(shown) > MAX_LABEL_KEYS and folder:
+        return f"{exp['cell']} [{folder}]"
+    listed = ", ".join(f"{k}={_show(v)}" for k, v in shown.items())
+    return exp["cell"] + (f" [{listed}]" if shown else "")
+
+
 def make_row(exp: dict, keys: set[str], every_schedule: bool) -> dict:
     """A table row: label, the distinguishing key values, seeds, runs, duplicates, columns, status counts."""
     shown = {k: exp["config"].get(k, ABSENT) for k in sorted(keys)}
-    listed = ", ".join(f"{k}={_show(v)}" for k, v in shown.items())
-    label = exp["cell"] + (f" [{listed}]" if shown else "")
+    label = row_label(exp, shown)
     counted = [(r, v) for r in exp["runs"] if (v := best_values(r)) is not None]
     columns = {}
     for c in COLUMNS:

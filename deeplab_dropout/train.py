@@ -474,7 +474,9 @@ def record_epoch(state: RunState, epoch: int, stats: dict, ev: dict | None, seco
     if is_best:
         state.best = BestWeights.of(state.results, state.model.state_dict())
     # A resume from an older last.pt re-trains the epochs after it, to the same numbers (runs are seeded).
-    if (epoch + 1) % state.cfg.trainer.checkpoint_every == 0:
+    # The last epoch's checkpoint is final_checkpoint's: last.pt then only if it is kept.
+    t = state.cfg.trainer
+    if (epoch + 1) % t.checkpoint_every == 0 and epoch + 1 < t.epochs:
         checkpoint(state, write_last=True)
 
 

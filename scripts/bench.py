@@ -10,7 +10,7 @@ Sections (each printed row names the config it used):
     rounds at the same precision, and ÷ the faster of that GEMM and a dense 3×3 convolution (on CPU oneDNN's
     convolutions can run above the BLAS's GEMM: the step can exceed the GEMM, never the faster of the two); (c) torchvision's own deeplabv3_<backbone> train step on the same input, ours ÷
     theirs in FLOP/s; (d) the runner's ``evaluate`` with data.val_cache=ram vs off (demo model, VOC-sized generated
-    images); (e) one epoch of the demo's `none` cell through ``run_epoch``, wall ÷ time inside the model;
+    images); (e) the demo's `none` cell, all its epochs through ``run_epoch``, wall ÷ time inside the model;
 (f) projected time of one 50-epoch study run and of the 31-run study from (a), (d), (e) and the FLOP count;
 (g) the cost of the regularisers (each `all-*` cell ÷ `none`; our DropBlock ÷ torchvision's drop_block2d);
 (h) each architecture's train step (DeepLabv3+, FCN, FPN, U-Net): FLOPs, images/s, time ÷ DeepLabv3+'s.
@@ -491,8 +491,9 @@ def phase_timers(module, names: tuple[str, ...], device: torch.device):
 
 
 def demo_section(bench: Bench, root: Path, work: Path, table: Table) -> dict:
-    """(e): one epoch of the demo's `none` cell through the runner's ``run_epoch`` (train, evaluate, record),
-    its wall time ÷ the time inside the model (train steps, eval-mode forwards)."""
+    """(e): the demo's `none` cell, every epoch through the runner's ``run_epoch`` (train, evaluate, record,
+    checkpoints as the demo writes them): wall time ÷ the time inside the model (train steps, eval-mode
+    forwards), over the whole run and per epoch."""
     from deeplab_dropout import train
     from deeplab_dropout.tb import TBLogger, run_hparams
 
@@ -500,25 +501,38 @@ def demo_section(bench: Bench, root: Path, work: Path, table: Table) -> dict:
     state = train.set_up(cfg, work / "demo")
     state.tb = TBLogger(state.run_dir, run_hparams(cfg))
     device = state.runtime.device
-    log(f"(e) one demo epoch: {len(state.train_ds)} train, {len(state.val_ds)} val images")
+    log(f"(e) the demo's {cfg.trainer.epochs} epochs: {len(state.train_ds)} train, {len(state.val_ds)} val images")
+    epochs = []  # per epoch: wall, train_step, train_one_epoch, evaluate, eval forwards
     try:
         with phase_timers(train, ("train_step", "train_one_epoch", "evaluate"), device) as phase, \
                 model_timer(state.model, device, in_training=False) as eval_model:
-            wall = timed(lambda: train.run_epoch(state, 0), device)
+            for epoch in range(cfg.trainer.epochs):
+                before = [phase["train_step"], phase["train_one_epoch"], phase["evaluate"], eval_model[0]]
+                wall = timed(lambda e=epoch: train.run_epoch(state, e), device)
+                after = [phase["train_step"], phase["train_one_epoch"], phase["evaluate"], eval_model[0]]
+                epochs.append([wall] + [a - b for a, b in zip(after, before, strict=True)])
+            wall = timed(lambda: train.final_checkpoint(state), device)
+            epochs[-1][0] += wall  # the last epoch's checkpoint: part of its cost
     finally:
         state.tb.close()
-    model_s = phase["train_step"] + eval_model[0]
+    return add_demo_rows(cfg, state, epochs, table)
+
+
+def add_demo_rows(cfg, state, epochs: list[list[float]], table: Table) -> dict:
+    """Section (e)'s record and printed rows from the per-epoch [wall, train_step, train loop, evaluate, eval
+    forwards] seconds."""
+    wall, steps, loop, evaluate, forwards = (sum(e[i] for e in epochs) for i in range(5))
     out = {"config": f"experiment=demo cell=none ({cfg.model.backbone}, crop {cfg.data.crop_size}, batch "
-                     f"{cfg.trainer.batch_size}), {len(state.train_ds)} train / {len(state.val_ds)} val images",
-           "epoch_wall_s": wall, "train_step_s": phase["train_step"], "eval_model_s": eval_model[0],
-           "train_wall_s": phase["train_one_epoch"], "eval_wall_s": phase["evaluate"],
-           "wall_over_model": wall / model_s,
-           "train_wall_over_steps": phase["train_one_epoch"] / phase["train_step"]}
-    table.add("(e)", "demo epoch wall ÷ time in model", f"{out['wall_over_model']:.2f}× ({wall:.1f} s wall)",
+                     f"{cfg.trainer.batch_size}), {len(state.train_ds)} train / {len(state.val_ds)} val images, "
+                     f"{len(epochs)} epochs",
+           "epochs": epochs, "run_wall_s": wall, "wall_over_model": wall / (steps + forwards),
+           "per_epoch_wall_over_model": spread([e[0] / (e[1] + e[4]) for e in epochs]),
+           "train_wall_over_steps": loop / steps, "eval_wall_s": evaluate, "record_s": wall - loop - evaluate}
+    table.add("(e)", "demo run: epochs' wall ÷ time in model", f"{out['wall_over_model']:.2f}× ({wall:.1f} s wall)",
               out["config"])
+    table.add("(e)", "  per epoch", fmt_spread(out["per_epoch_wall_over_model"]), "")
     table.add("(e)", "  training loop ÷ train_step time", f"{out['train_wall_over_steps']:.2f}×", "")
-    table.add("(e)", "  evaluate wall, record (rest), s", f"{phase['evaluate']:.2f}, "
-              f"{wall - phase['train_one_epoch'] - phase['evaluate']:.2f}", "")
+    table.add("(e)", "  evaluate wall, record (rest), s", f"{evaluate:.2f}, {out['record_s']:.2f}", "")
     return out
 
 

@@ -145,6 +145,19 @@ def test_course_columns_show_pixel_accuracy_and_miou(tmp_path, capsys):
         ReportCallback(columns="table5")
 
 
+def test_rows_that_differ_in_many_keys_are_labelled_by_their_sweep_folder(tmp_path):
+    many = ["optim=adamw", "data.flip_p=0.1", "data.blur_p=0.1", "loss.class_weights=inverse_frequency"]
+    for seed in (0, 1):
+        fake_run(tmp_path, many, seed, 0.4 + seed / 10, folder=f"recipe=heavy,seed={seed}")
+    fake_run(tmp_path, [], 0, 0.3, folder="recipe=plain,seed=0")
+    fake_run(tmp_path, ["data.flip_p=0.1"], 0, 0.3, folder="recipe=flip")
+    rows = summarize(load_runs(tmp_path))["constant"]
+    labels = {row["label"]: row for row in rows}  # the cell's rows differ in 5 keys: each labelled by its folder
+    assert set(labels) == {"none [recipe=heavy]", "none [recipe=plain]", "none [recipe=flip]"}
+    heavy = labels["none [recipe=heavy]"]
+    assert heavy["n"] == 2 and {"data.flip_p", "data.blur_p", "optim.name"} <= set(heavy["keys"])
+
+
 def test_none_is_one_run_shown_under_every_schedule(tmp_path, capsys):
     fake_run(tmp_path, ["schedule=constant"], 0, 0.4)
     fake_run(tmp_path, ["cell=spp-uout", "schedule=constant"], 0, 0.5)

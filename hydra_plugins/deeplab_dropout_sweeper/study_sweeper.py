@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,9 +62,8 @@ class StudySweeper(BasicSweeper):
             batch = self.get_job_batch()
             if not batch:  # every job of it repeats an earlier run
                 continue
-            tic = time.perf_counter()
-            self.validate_batch_is_legal(batch)  # composition errors, before anything runs
-            log.debug("validated configs of %d jobs in %.2f s", len(batch), time.perf_counter() - tic)
+            # get_job_batch composed every job's config: a composition error has stopped the sweep there,
+            # before anything ran (what BasicSweeper's validate_batch_is_legal would compose a second time).
             results = self.launcher.launch(batch, initial_job_idx=n_jobs)
             failures += [line for line in map(failure, results) if line is not None]
             n_jobs += len(batch)
