@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from deeplab_dropout.compare import BASELINE, CONSTANT, Records, ramp_better, strip_groups, vs_none
 from deeplab_dropout.config import one_line
 from deeplab_dropout.figures import SHEET_TYPES, draw_figures
-from deeplab_dropout.results import BEST, RESUME_FREE_KEYS, atomic_write, flatten, write_json
+from deeplab_dropout.results import BEST, RESUME_FREE_KEYS, atomic_write, run_config, write_json
 from deeplab_dropout.stats import mean_ci
 
 TABLE2_ORDER = ["pretrained-base", "none"] + [
@@ -58,7 +58,7 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
 def experiment_config(config: dict, cell: str) -> dict[str, Any]:
     """The flat resolved config that defines a run's experiment (no seed, nor keys that change nothing)."""
     ignored = IGNORED_KEYS + (REGULARISER_GROUPS if cell in UNREGULARISED else ())
-    return {k: v for k, v in sorted(flatten(config).items()) if not _under(k, ignored)}
+    return {k: v for k, v in sorted(run_config(config).items()) if not _under(k, ignored)}
 
 
 def experiment_key(config: dict, cell: str) -> str:

@@ -41,6 +41,13 @@ def _run_invariant_keys() -> tuple[str, ...]:
 # experiments, and sweep directory names leave out): they don't change what is computed.
 RESUME_FREE_KEYS = _run_invariant_keys()
 KILL_AT_ENV = "DEEPLAB_DROPOUT_KILL_AT"
+# Keys added after runs were already saved, with the value that computes what those runs computed (their
+# default; ADDED_COPIES: the key whose value the default copies). A saved config lacking one of them reads as if
+# it held that value, so an upgrade neither refuses to resume a run nor splits a report row.
+ADDED_KEYS = {"data.year": 2012, "data.augment.rotation_degrees": 0, "data.augment.repeats": 1,
+              "loss.class_weights": "none", "optim.schedule": "poly", "optim.eta_min": 0.0,
+              "trainer.early_stop_patience": None}
+ADDED_COPIES = {"optim.t_max_epochs": "trainer.epochs"}
 
 
 def kill_point(point: str, n: int) -> None:
@@ -389,7 +396,7 @@ def move_aside(run_dir: Path) -> Path | None:
 def check_resumable(saved: dict, config: dict, checkpoint: Path) -> None:
     """Refuse to continue a checkpoint made with another config (it would not be the same run); only the
     RESUME_FREE_KEYS may differ. ``saved`` and ``config`` are resolved configs as plain dicts."""
-    old, new = flatten(saved), flatten(config)
+    old, new = run_config(saved), run_config(config)
     for key in RESUME_FREE_KEYS:
         old.pop(key, None)
         new.pop(key, None)
@@ -400,6 +407,13 @@ def check_resumable(saved: dict, config: dict, checkpoint: Path) -> None:
         raise ConfigError(f"{checkpoint} was trained with a different config "
                           f"({first}: {old.get(first)!r} -> {new.get(first)!r}{more}); "
                           "use another hydra.run.dir (hydra.sweep.dir for -m) or delete that folder")
+
+
+def run_config(config: dict) -> dict:
+    """A run's resolved config, flattened, with each ADDED_KEYS key it lacks at the value it ran with."""
+    flat = flatten(config)
+    added = {**ADDED_KEYS, **{key: flat.get(source) for key, source in ADDED_COPIES.items()}}
+    return {**added, **flat}
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

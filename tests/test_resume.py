@@ -259,3 +259,32 @@ def test_a_failing_run_writes_the_best_weights_results_json_names(voc_root, tmp_
     assert res["status"] == "failed" and not (tmp_path / LAST).exists()
     best = load_checkpoint(tmp_path / BEST)
     assert best["epoch"] == res["best_epoch"] and best["metrics"] == res["best"]
+
+
+def test_a_run_saved_before_keys_were_added_resumes_and_shares_its_report_row(tmp_path):
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from deeplab_dropout.config import ConfigError
+    from deeplab_dropout.report import experiment_key
+    from deeplab_dropout.results import ADDED_COPIES, ADDED_KEYS, check_resumable
+
+    def config(*overrides: str) -> dict:
+        return OmegaConf.to_container(compose_cfg(list(overrides)), resolve=True)
+
+    now = config()
+    old = config()  # as an earlier version saved it: none of the added keys
+    for key in [*ADDED_KEYS, *ADDED_COPIES]:
+        *parents, leaf = key.split(".")
+        node = old
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+    del old["data"]["augment"]  # the whole node was new
+    assert old != now
+    check_resumable(old, now, tmp_path / "last.pt")  # no refusal
+    assert experiment_key(old, "none") == experiment_key(now, "none")
+    for changed in ("data.augment.repeats=2", "optim.t_max_epochs=3", "loss.class_weights=inverse_frequency"):
+        with pytest.raises(ConfigError, match=changed.split("=")[0]):
+            check_resumable(old, config(changed), tmp_path / "last.pt")
+        assert experiment_key(old, "none") != experiment_key(config(changed), "none")
