@@ -52,7 +52,6 @@ from deeplab_dropout.results import (
     move_aside,
     remove_temp_files,
     repair_best,
-    save_best,
     save_checkpoints,
     write_json,
     write_per_image,
@@ -454,8 +453,9 @@ def record_views(state: RunState, epoch: int, ev: dict, is_best: bool) -> None:
 
 def record_epoch(state: RunState, epoch: int, stats: dict, ev: dict | None, seconds: float) -> None:
     """Write what epoch ``epoch`` left: its results.json entry, per-image record, predictions, TensorBoard
-    scalars and images, a log line, the checkpoints (last, and best at a new best). ``ev`` is None for an
-    epoch without evaluation."""
+    scalars and images, a log line; keep a new best's weights for best.pt, and write the checkpoints every
+    trainer.checkpoint_every epochs (the last epoch's are final_checkpoint's). ``ev`` is None for an epoch
+    without evaluation."""
     entry = {"epoch": epoch + 1, "train_loss": stats["train_loss"]}
     if ev is not None:
         entry.update({k: ev[k] for k in VAL_KEYS})
@@ -557,7 +557,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         final_checkpoint(state)
     except BaseException as e:
         if state.best is not None:  # the weights results.json already names as the best
-            save_best(run_dir, state.best)
+            checkpoint(state, write_last=False)
         results.finish("failed", error=f"{type(e).__name__}: {e}")
         raise
     else:

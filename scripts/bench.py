@@ -126,15 +126,18 @@ def project(train_flops: float, val_flops: float, flops_per_s: float, n_train: i
 
 
 # ------------------------------------------------------------------------------------------- measuring tools
+def now(device: torch.device) -> float:
+    """``time.perf_counter()`` once the queued work of ``device`` is done (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds of one ``fn()`` call (synchronised on CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = now(device)
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return now(device) - t
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
@@ -373,15 +376,11 @@ def model_timer(model: torch.nn.Module, device: torch.device, in_training: bool)
 
     def pre(module, args) -> None:
         if module.training == in_training:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start[0] = time.perf_counter()
+            start[0] = now(device)
 
     def post(module, args, output) -> None:
         if module.training == in_training:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            total[0] += time.perf_counter() - start[0]
+            total[0] += now(device) - start[0]
 
     handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
     try:
@@ -470,15 +469,11 @@ def phase_timers(module, names: tuple[str, ...], device: torch.device):
 
     def wrap(name: str, fn: Callable) -> Callable:
         def timed_call(*args, **kwargs):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
+            t = now(device)
             try:
                 return fn(*args, **kwargs)
             finally:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds[name] += time.perf_counter() - t
+                seconds[name] += now(device) - t
         return timed_call
 
     for name, fn in originals.items():
