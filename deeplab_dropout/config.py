@@ -323,7 +323,7 @@ def _trainer(cfg: DictConfig) -> None:
     _one_of("trainer.progress", t.progress, ("auto", True, False))
     if not isinstance(t.compile_backend, str) or not t.compile_backend:
         raise invalid("trainer.compile_backend", t.compile_backend, "a torch.compile backend name, e.g. inductor")
-    for key in ("rerun", "keep_last", "compile"):
+    for key in ("rerun", "keep_last", "compile", "tune_malloc"):
         _check_bool(f"trainer.{key}", t[key])
     for key in ("max_train_steps", "max_val_images", "early_stop_patience"):
         if t[key] is not None:

@@ -2,7 +2,8 @@
 
 Each works on (N, C, H, W) activations of any CNN, is the identity in eval mode and at p = 0, keeps the
 input's dtype and memory format, and draws from torch's global RNG (so ``torch.manual_seed`` fixes it).
-Forward reads p from a 0-dim buffer, so a ``torch.compile``d model follows the ramp without recompiling.
+Compiled, forward reads p from a 0-dim buffer, so a ``torch.compile``d model follows the ramp without
+recompiling; eager, it draws with ``bernoulli_`` at the Python float p.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ class Regularizer(nn.Module):
     """Base of the regularisers: a validated, settable drop probability ``p`` (the ramp changes it per step).
 
     p lives in ``p_tensor``, a 0-dim float32 buffer (not persistent: state dicts are unchanged) that the
-    setter updates in place and forward reads as a tensor, so a ``torch.compile``d model neither bakes p in
-    nor recompiles when it changes; the only Python value forward branches on is whether p > 0.
+    setter updates in place and a compiled forward reads as a tensor, so a ``torch.compile``d model neither
+    bakes p in nor recompiles when it changes; the only Python value it branches on is whether p > 0. Eager
+    forward draws at the Python float p with ``bernoulli_`` (the masks drawn before p became a tensor).
     ``rate_scale`` (0 < s <= 1, default 1) multiplies the rate forward uses -- for DropBlock the seed rate
     gamma, for the others p -- while ``p`` stays the scheduled value (the paper's gamma/4 in group 3).
     """
@@ -85,6 +87,14 @@ class Regularizer(nn.Module):
         return f"p={self._p:g}{scale}"
 
 
+def bernoulli(shape: tuple[int, ...], prob: float | Tensor, device: torch.device) -> Tensor:
+    """A float32 0/1 mask of ``shape``, each entry 1 with probability ``prob``: ``bernoulli_`` for a Python
+    float, ``rand < prob`` for a 0-dim tensor (no Python float of p in a compiled graph)."""
+    if isinstance(prob, Tensor):
+        return (torch.rand(shape, dtype=torch.float32, device=device) < prob).float()
+    return torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(prob)
+
+
 def _apply_factor(x: Tensor, factor: Tensor) -> Tensor:
     """x * factor (float32) computed in at least float32, returned in x's dtype and memory format.
 
@@ -110,10 +120,9 @@ class ChannelDropout(Regularizer):
         if not self.active():
             return x
         _check_input(self, x, 2)
-        keep_prob = 1.0 - self.rate(x)
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        # rand < q is Bernoulli(q) with q a tensor: no Python float of p enters the graph.
-        keep = (torch.rand(shape, dtype=torch.float32, device=x.device) < keep_prob).float()
+        keep_prob = 1.0 - self.rate(x) if torch.compiler.is_compiling() else 1.0 - self._p * self._rate_scale
+        keep = bernoulli(shape, keep_prob, x.device)
         return _apply_factor(x, keep / keep_prob)
 
 
@@ -159,11 +168,12 @@ class DropBlock(Regularizer):
 
     def gamma(self, height: int, width: int) -> float:
         """Seed probability p x rate_scale x seed_ratio (before clipping to 1)."""
-        return self._p * self.rate_scale * self.seed_ratio(height, width)
+        bs = self.effective_block_size(height, width)
+        return self._p * self.rate_scale / bs**2 * (height * width) / ((height - bs + 1) * (width - bs + 1))
 
-    def _seeds(self, shape: tuple[int, ...], gamma: Tensor, device: torch.device) -> Tensor:
+    def _seeds(self, shape: tuple[int, ...], gamma: float | Tensor, device: torch.device) -> Tensor:
         """Bernoulli(gamma) seeds in float32 (a separate method so tests can force a seed)."""
-        return (torch.rand(shape, dtype=torch.float32, device=device) < gamma).float()
+        return bernoulli(shape, gamma, device)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.active():
@@ -172,7 +182,10 @@ class DropBlock(Regularizer):
             raise ValueError(f"DropBlock expects (N, C, H, W) input, got shape {tuple(x.shape)}")
         n, c, h, w = x.shape
         bs = self.effective_block_size(h, w)
-        gamma = (self.rate(x) * self.seed_ratio(h, w)).clamp(max=1.0)
+        if torch.compiler.is_compiling():
+            gamma = (self.rate(x) * self.seed_ratio(h, w)).clamp(max=1.0)
+        else:
+            gamma = min(1.0, self.gamma(h, w))
         # Mask maths in float32: counts of ones in float16 overflow (torchvision's drop_block2d bug).
         keep = 1.0 - block_mask(self._seeds((n, c, h - bs + 1, w - bs + 1), gamma, x.device), bs)
         # clamp: an all-dropped mask gives zeros (0 * numel), not NaN.

@@ -1,11 +1,14 @@
 """Where and how the model runs: device, precision that fits the hardware, memory format, loader workers.
 
 ``resolve_device`` turns trainer.device/precision/eval_precision/channels_last (``auto`` included) into one
-``Runtime``; ``cpu_has_native`` is the one hardware probe (tests mock it).
+``Runtime``; ``cpu_has_native`` is the one hardware probe (tests mock it). ``tune_malloc`` keeps freed
+activation memory in the process (glibc) instead of handing it back to the OS after every step.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,9 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPUINFO = Path("/proc/cpuinfo")
 # CPU flags with native low-precision matmul/conv kernels; without them oneDNN takes a reference path.
 NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+# glibc mallopt parameters and the values tune_malloc sets (see there).
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_TUNING = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 64 << 20}
 
 
 def cpu_has_native(precision: str = "bf16", cpuinfo: Path = CPUINFO) -> bool:
@@ -99,6 +105,25 @@ def resolve_device(cfg: DictConfig) -> Runtime:
     if channels_last == "auto":  # CUDA only: faster there (tensor cores); not shown faster on CPU
         channels_last = device.type == "cuda"
     return Runtime(device, amp_dtype, bool(channels_last), eval_dtype)
+
+
+def tune_malloc() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (trainer.tune_malloc); False where libc is not glibc.
+
+    By default glibc serves each block over 128 KiB-32 MiB with a fresh mmap and returns freed memory at the
+    top of the heap to the OS, so every CPU step page-faults its activations and gradients in anew (the
+    kernel zeroes each page). Serving blocks up to 32 MiB from the heap and keeping up to 1 GiB of freed heap
+    makes later steps reuse warm pages: 1.1-1.4x faster ResNet-18 steps at the demo's size, ~1.05x at
+    ResNet-101 321^2 (scripts/bench.py). Only where memory comes from changes, never a computed number; the
+    price is up to 1 GiB of freed memory the process keeps (the tuning jemalloc/tcmalloc do by default).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in MALLOC_TUNING.items())
 
 
 def resolve_workers(setting: int | str, cpu_count: int | None = None) -> int:

@@ -57,7 +57,7 @@ from deeplab_dropout.results import (
     write_per_image,
     write_prediction,
 )
-from deeplab_dropout.runtime import Runtime, resolve_device, resolve_workers
+from deeplab_dropout.runtime import Runtime, resolve_device, resolve_workers, tune_malloc
 from deeplab_dropout.schedules import lr_at, scheduled_drop_p
 from deeplab_dropout.tb import TBLogger, best_and_worst, pick_tb_images, run_hparams, strip
 
@@ -196,6 +196,8 @@ def set_up(cfg: DictConfig, run_dir: Path) -> RunState:
     try:
         validate(cfg)
         runtime = resolve_device(cfg)
+        if cfg.trainer.tune_malloc:
+            tune_malloc()
         saved = resumable_checkpoint(cfg, run_dir)
         seed_everything(cfg.seed)
         train_ds, val_ds, split = get_datasets(cfg.data, seed=cfg.seed)

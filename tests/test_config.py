@@ -126,6 +126,7 @@ INVALID = [
     (["trainer.eval_precision=bf16"], "trainer.eval_precision='bf16' is invalid: expected one of fp32, same"),
     (["trainer.checkpoint_every=0"], "trainer.checkpoint_every=0 is invalid: expected an integer in [1, inf)"),
     (["trainer.compile=1"], "trainer.compile=1 is invalid: expected true or false"),
+    (["trainer.tune_malloc=yes"], "trainer.tune_malloc='yes' is invalid: expected true or false"),
     (["trainer.compile_backend=''"], "trainer.compile_backend='' is invalid: expected a torch.compile backend "
      "name, e.g. inductor"),
     (["data.cache=disk"], "data.cache='disk' is invalid: expected one of auto, ram, off"),

@@ -136,6 +136,26 @@ def test_compiled_module_does_not_recompile_when_p_changes(kind):
     dynamo.reset()
 
 
+def test_eager_masks_are_bernoulli_draws_at_the_float_p():
+    """Eagerly, ChannelDropout and DropBlock draw with bernoulli_ at the Python float rate: the masks (and so
+    the numbers) of runs made before p became a tensor, recomputed here from the generator state."""
+    x = positive(3, 16, 9, 11)
+    torch.manual_seed(7)
+    out = ChannelDropout(0.3).train()(x)
+    torch.manual_seed(7)
+    keep = torch.empty(3, 16, 1, 1).bernoulli_(1.0 - 0.3)
+    assert torch.equal(out, x * (keep / (1.0 - 0.3)))
+
+    bs, p = 5, 0.25
+    gamma = p / bs**2 * (9 * 11) / ((9 - bs + 1) * (11 - bs + 1))  # Ghiasi et al. eq. (1), as a float
+    torch.manual_seed(7)
+    out = DropBlock(p, bs).train()(x)
+    torch.manual_seed(7)
+    seeds = torch.empty(3, 16, 9 - bs + 1, 11 - bs + 1).bernoulli_(gamma)
+    kept = 1.0 - tf_reference_mask(seeds, bs, 9, 11)
+    assert torch.allclose(out, x * kept * (kept.numel() / kept.sum()), rtol=1e-6, atol=0)
+
+
 def test_rate_scale_scales_the_rate_not_p():
     p, scale, shape = 0.4, 0.25, (16, 256, 9, 9)
     x = positive(*shape)

@@ -15,7 +15,7 @@ from deeplab_dropout import train as train_mod
 from deeplab_dropout.config import ConfigError
 from deeplab_dropout.data import get_datasets
 from deeplab_dropout.data.cache import CachedValLoader, normalize_batch
-from deeplab_dropout.runtime import cpu_has_native, resolve_device, resolve_workers
+from deeplab_dropout.runtime import cpu_has_native, resolve_device, resolve_workers, tune_malloc
 
 FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 {extra}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 {extra}\n"
 
@@ -74,6 +74,45 @@ def test_native_bf16_cpu_accepts_explicit_bf16(voc_root, monkeypatch):
     ("auto", 1, 0), ("auto", 2, 0), ("auto", 4, 1), ("auto", 16, 4), ("auto", 128, 8), (3, 2, 3), (0, 64, 0)])
 def test_workers(setting, cpus, expected):
     assert resolve_workers(setting, cpus) == expected
+
+
+class FakeLibc:
+    """libc.so.6 with a mallopt that records its calls and answers ``answer`` (glibc: 1 = accepted)."""
+
+    def __init__(self, answer: int = 1) -> None:
+        self.calls, self.answer = [], answer
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.answer
+
+
+def test_tune_malloc_sets_glibc_thresholds(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(runtime_mod.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(runtime_mod.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime_mod.ctypes, "CDLL", lambda name: libc)
+    assert tune_malloc() is True
+    # glibc's M_MMAP_THRESHOLD (-3) to its 32 MiB maximum, M_TRIM_THRESHOLD (-1) 1 GiB, M_TOP_PAD (-2) 64 MiB
+    assert sorted(libc.calls) == [(-3, 32 * 2**20), (-2, 64 * 2**20), (-1, 2**30)]
+    libc.answer = 0
+    assert tune_malloc() is False  # a mallopt that refuses is reported
+
+
+@pytest.mark.parametrize(("system", "libc"), [("Linux", ("musl", "")), ("Darwin", ("", "")), ("Windows", ("", ""))])
+def test_tune_malloc_leaves_other_allocators_alone(monkeypatch, system, libc):
+    monkeypatch.setattr(runtime_mod.platform, "system", lambda: system)
+    monkeypatch.setattr(runtime_mod.platform, "libc_ver", lambda: libc)
+    monkeypatch.setattr(runtime_mod.ctypes, "CDLL", lambda name: pytest.fail("loaded a libc"))
+    assert tune_malloc() is False
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_set_up_tunes_malloc_as_configured(voc_root, tmp_path, monkeypatch, setting):
+    calls = []
+    monkeypatch.setattr(train_mod, "tune_malloc", lambda: calls.append(1) or True)
+    train_mod.set_up(cpu_cfg(voc_root, f"trainer.tune_malloc={setting}"), tmp_path / "run")
+    assert calls == ([1] if setting else [])
 
 
 def test_cached_val_batches_equal_the_uncached_loader(voc_root):
