@@ -13,7 +13,9 @@ Sections (each printed row names the config it used):
     images); (e) the demo's `none` cell, all its epochs through ``run_epoch``, wall ÷ time inside the model;
 (f) projected time of one 50-epoch study run and of the 31-run study from (a), (d), (e) and the FLOP count;
 (g) the cost of the regularisers (each `all-*` cell ÷ `none`; our DropBlock ÷ torchvision's drop_block2d);
-(h) each architecture's train step (DeepLabv3+, FCN, FPN, U-Net): FLOPs, images/s, time ÷ DeepLabv3+'s.
+(h) each architecture's train step (DeepLabv3+, FCN, FPN, U-Net): FLOPs, images/s, time ÷ DeepLabv3+'s;
+(i) trainer.tune_malloc: the demo model's step and the (a) step with glibc's default malloc thresholds ÷ tuned.
+Every section runs with the runner's default allocator setting (trainer.tune_malloc=true) but (i)'s default rounds.
 Timed calls are interleaved round by round so that drift hits all alike; each ratio is its median (min–max)
 over rounds. The machine is shared and noisy: compare ratios within one run, never times across runs.
 Prints the table to stdout (progress to stderr) and writes the JSON record (--json, outputs/bench.json).
@@ -40,6 +42,7 @@ from hydra.core.global_hydra import GlobalHydra
 from torch.utils.flop_counter import FlopCounterMode
 
 from deeplab_dropout.results import CONF_DIR  # the runner's own conf/
+from deeplab_dropout.runtime import tune_malloc
 
 NOTE = ("Shared, noisy machine: only ratios measured within this one run mean anything; each ratio is the "
         "median (min–max) over interleaved rounds.")
@@ -642,6 +645,56 @@ def models_section(bench: Bench, table: Table) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------- (i) allocator
+def glibc_defaults() -> dict[int, int]:
+    """glibc's documented default values of the parameters tune_malloc sets (fixed, so its dynamic mmap
+    threshold stays off: the 'default' rounds are close to, not exactly, an untuned process)."""
+    from deeplab_dropout.runtime import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
+
+    return {M_MMAP_THRESHOLD: 128 << 10, M_TRIM_THRESHOLD: 128 << 10, M_TOP_PAD: 128 << 10}
+
+
+def with_malloc(values: dict[int, int], fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    """A closure that sets glibc's malloc ``values`` (mallopt), then calls ``fn`` ``calls`` times."""
+    import ctypes
+
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+
+    def run() -> None:
+        for param, value in values.items():
+            mallopt(param, value)
+        for _ in range(calls):
+            fn()
+    return run
+
+
+def malloc_section(bench: Bench, table: Table) -> dict:
+    """(i): trainer.tune_malloc's speed-up, time with glibc's default thresholds ÷ tuned, for the demo model's
+    step (resnet18, batch 8 × 65²) and the step of (a); rounds switch the setting, 3 steps a call."""
+    from deeplab_dropout.model import build_model
+    from deeplab_dropout.runtime import MALLOC_TUNING
+
+    if not tune_malloc():
+        table.add("(i)", "trainer.tune_malloc", "unavailable (not glibc)", "")
+        return {"unavailable": "not glibc"}
+    device = torch.device(bench.device)
+    demo = Bench("resnet18", 65, 8, bench.device, bench.repeats, bench.gemm_n, bench.quick)
+    out = {}
+    for name, b, extra in (("demo", demo, ["model.aspp_channels=64"]), ("step", bench, [])):
+        x, y = fixed_batch(b, device)
+        torch.manual_seed(0)
+        step = make_step(build_model(compose_cfg(["model.pretrained=none", f"model.backbone={b.backbone}", *extra])),
+                         x, y, runtime_for(b, "fp32")[0], "fp32").fn
+        log(f"(i) timing {name} steps, glibc defaults vs tuned × {bench.repeats} rounds")
+        times = interleaved({"default": with_malloc(glibc_defaults(), step, 3),
+                             "tuned": with_malloc(MALLOC_TUNING, step, 3)}, device, bench.repeats)
+        out[name] = {"config": f"{b.backbone}, batch {b.batch} × {b.size}², fp32, {device}",
+                     "default_vs_tuned": spread(round_ratios(times["default"], times["tuned"]))}
+        table.add("(i)", "step, glibc malloc defaults ÷ tuned (time)", fmt_spread(out[name]["default_vs_tuned"]),
+                  out[name]["config"])
+    return out
+
+
 # -------------------------------------------------------------------------------------------------- main
 def machine() -> dict:
     """What the numbers were measured on."""
@@ -678,7 +731,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="batch of the step sections")
     parser.add_argument("--repeats", type=int, help="interleaved timed rounds (default 5; 3 with --quick)")
     parser.add_argument("--gemm", type=int, help="side n of the n×n×n reference matmul")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: step,eval,demo,project,reg,models")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: "
+                        "step,eval,demo,project,reg,models,malloc")
     parser.add_argument("--json", default="outputs/bench.json", help="where to write the JSON record")
     return parser.parse_args(argv)
 
@@ -714,6 +768,8 @@ def run_sections(bench: Bench, skip: set[str], table: Table) -> None:
         rec["regularizers"] = guarded("(g)", table, lambda: regularizer_section(bench, table))
     if "models" not in skip:
         rec["models"] = guarded("(h)", table, lambda: models_section(bench, table))
+    if "malloc" not in skip:
+        rec["malloc"] = guarded("(i)", table, lambda: malloc_section(bench, table))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -721,6 +777,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     bench = make_bench(args)
     start = time.perf_counter()
+    tune_malloc()  # what the runner does by default (trainer.tune_malloc=true): every section measures that
     table = Table(record={"machine": machine(), "bench": asdict(bench), "note": NOTE})
     run_sections(bench, {s.strip() for s in args.skip.split(",") if s.strip()}, table)
     table.record["seconds"] = time.perf_counter() - start

@@ -128,6 +128,19 @@ def test_interleaved_calls_one_of_each_per_round_after_one_warm_up():
     assert calls == ["a", "b"] * 2
 
 
+def test_with_malloc_sets_the_values_before_its_calls(monkeypatch):
+    import ctypes
+
+    events = []
+    libc = types.SimpleNamespace(mallopt=lambda param, value: events.append((param, value)) or 1)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    run = bench.with_malloc({-3: 7, -1: 9}, lambda: events.append("step"), calls=3)
+    assert events == []  # nothing until called
+    run()
+    assert events == [(-3, 7), (-1, 9), "step", "step", "step"]
+    assert set(bench.glibc_defaults().values()) == {128 * 1024}  # glibc's documented defaults
+
+
 def test_phase_timers_wrap_module_globals_and_restore_them():
     def work(x):
         return x + 1
