@@ -14,8 +14,9 @@ Sections (each printed row names the config it used):
 (f) projected time of one 50-epoch study run and of the 31-run study from (a), (d), (e) and the FLOP count;
 (g) the cost of the regularisers (each `all-*` cell ÷ `none`; our DropBlock ÷ torchvision's drop_block2d);
 (h) each architecture's train step (DeepLabv3+, FCN, FPN, U-Net): FLOPs, images/s, time ÷ DeepLabv3+'s;
-(i) trainer.tune_malloc: the demo model's step and the (a) step with glibc's default malloc thresholds ÷ tuned.
-Every section runs with the runner's default allocator setting (trainer.tune_malloc=true) but (i)'s default rounds.
+(i) trainer.tune_malloc: (e)'s demo run with glibc's malloc as a process starts ÷ tuned, in fresh processes (not
+    in --quick: two 10-second runs a round).
+Every section but (i) runs with the runner's default allocator setting (trainer.tune_malloc=true).
 Timed calls are interleaved round by round so that drift hits all alike; each ratio is its median (min–max)
 over rounds. The machine is shared and noisy: compare ratios within one run, never times across runs.
 Prints the table to stdout (progress to stderr) and writes the JSON record (--json, outputs/bench.json).
@@ -646,52 +647,53 @@ def models_section(bench: Bench, table: Table) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- (i) allocator
-def glibc_defaults() -> dict[int, int]:
-    """glibc's documented default values of the parameters tune_malloc sets (fixed, so its dynamic mmap
-    threshold stays off: the 'default' rounds are close to, not exactly, an untuned process)."""
-    from deeplab_dropout.runtime import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
+def malloc_probe(tuned: bool, root: Path, work: Path) -> float:
+    """Wall seconds of the demo's `none` cell, every epoch through ``run_epoch`` and its final checkpoint, in
+    this process with trainer.tune_malloc=``tuned``: the child side of (i)."""
+    from deeplab_dropout import train
+    from deeplab_dropout.tb import TBLogger, run_hparams
 
-    return {M_MMAP_THRESHOLD: 128 << 10, M_TRIM_THRESHOLD: 128 << 10, M_TOP_PAD: 128 << 10}
-
-
-def with_malloc(values: dict[int, int], fn: Callable[[], object], calls: int) -> Callable[[], None]:
-    """A closure that sets glibc's malloc ``values`` (mallopt), then calls ``fn`` ``calls`` times."""
-    import ctypes
-
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-
-    def run() -> None:
-        for param, value in values.items():
-            mallopt(param, value)
-        for _ in range(calls):
-            fn()
-    return run
+    cfg = compose_cfg(demo_overrides(root, "cpu") + [f"trainer.tune_malloc={str(tuned).lower()}"])
+    state = train.set_up(cfg, work)
+    state.tb = TBLogger(state.run_dir, run_hparams(cfg))
+    try:
+        start = time.perf_counter()
+        for epoch in range(cfg.trainer.epochs):
+            train.run_epoch(state, epoch)
+        train.final_checkpoint(state)
+        return time.perf_counter() - start
+    finally:
+        state.tb.close()
 
 
-def malloc_section(bench: Bench, table: Table) -> dict:
-    """(i): trainer.tune_malloc's speed-up, time with glibc's default thresholds ÷ tuned, for the demo model's
-    step (resnet18, batch 8 × 65²) and the step of (a); rounds switch the setting, 3 steps a call."""
-    from deeplab_dropout.model import build_model
-    from deeplab_dropout.runtime import MALLOC_TUNING
+def probe_in_child(tuned: bool, root: Path, work: Path) -> float:
+    """malloc_probe in a fresh Python process (the allocator's state is per process and only grows)."""
+    import subprocess
 
-    if not tune_malloc():
-        table.add("(i)", "trainer.tune_malloc", "unavailable (not glibc)", "")
-        return {"unavailable": "not glibc"}
-    device = torch.device(bench.device)
-    demo = Bench("resnet18", 65, 8, bench.device, bench.repeats, bench.gemm_n, bench.quick)
-    out = {}
-    for name, b, extra in (("demo", demo, ["model.aspp_channels=64"]), ("step", bench, [])):
-        x, y = fixed_batch(b, device)
-        torch.manual_seed(0)
-        step = make_step(build_model(compose_cfg(["model.pretrained=none", f"model.backbone={b.backbone}", *extra])),
-                         x, y, runtime_for(b, "fp32")[0], "fp32").fn
-        log(f"(i) timing {name} steps, glibc defaults vs tuned × {bench.repeats} rounds")
-        times = interleaved({"default": with_malloc(glibc_defaults(), step, 3),
-                             "tuned": with_malloc(MALLOC_TUNING, step, 3)}, device, bench.repeats)
-        out[name] = {"config": f"{b.backbone}, batch {b.batch} × {b.size}², fp32, {device}",
-                     "default_vs_tuned": spread(round_ratios(times["default"], times["tuned"]))}
-        table.add("(i)", "step, glibc malloc defaults ÷ tuned (time)", fmt_spread(out[name]["default_vs_tuned"]),
-                  out[name]["config"])
+    mode = "tuned" if tuned else "default"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--malloc-probe", mode, str(root),
+                           str(work)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"malloc probe ({mode}) failed: {error_line(RuntimeError(done.stderr or 'no output'))}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def malloc_section(bench: Bench, root: Path, work: Path, table: Table) -> dict:
+    """(i): trainer.tune_malloc's speed-up, the demo's `none` run (as in (e)) with glibc's malloc as a process
+    starts ÷ tuned, each run in a fresh process, the two orders alternating round by round."""
+    if bench.device != "cpu":
+        table.add("(i)", "trainer.tune_malloc", "measured on CPU only (--device cpu)", "")
+        return {"unavailable": "CPU only"}
+    log(f"(i) the demo's none run in fresh processes, trainer.tune_malloc false vs true × {bench.repeats} rounds")
+    times: dict[str, list[float]] = {"default": [], "tuned": []}
+    for r in range(bench.repeats):
+        for tuned in ((False, True) if r % 2 == 0 else (True, False)):
+            mode = "tuned" if tuned else "default"
+            times[mode].append(probe_in_child(tuned, root, work / f"malloc-{mode}-{r}"))
+    config = "experiment=demo cell=none, 8 epochs through run_epoch, one fresh process a run"
+    out = {"config": config, "run_seconds": times,
+           "default_vs_tuned": spread(round_ratios(times["default"], times["tuned"]))}
+    table.add("(i)", "demo run, glibc malloc default ÷ tuned (time)", fmt_spread(out["default_vs_tuned"]), config)
     return out
 
 
@@ -734,6 +736,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: "
                         "step,eval,demo,project,reg,models,malloc")
     parser.add_argument("--json", default="outputs/bench.json", help="where to write the JSON record")
+    parser.add_argument("--malloc-probe", nargs=3, metavar=("MODE", "ROOT", "WORK"), help=argparse.SUPPRESS)  # (i)
     return parser.parse_args(argv)
 
 
@@ -760,6 +763,8 @@ def run_sections(bench: Bench, skip: set[str], table: Table) -> None:
         if "eval" not in skip:
             rec["eval_cache"] = guarded("(d)", table, lambda: eval_section(bench, Path(tmp) / "synth-voc-sized",
                                                                            work, table))
+        if "malloc" not in skip and not bench.quick:
+            rec["malloc"] = guarded("(i)", table, lambda: malloc_section(bench, root, work, table))
     if "project" not in skip and "flop_per_s" in rec.get("step", {}):
         measured = {k: v for k in ("eval_cache", "demo_epoch") if "unavailable" not in (v := rec.get(k, {}))}
         rec["projection"] = guarded("(f)", table, lambda: projection_section(
@@ -768,13 +773,15 @@ def run_sections(bench: Bench, skip: set[str], table: Table) -> None:
         rec["regularizers"] = guarded("(g)", table, lambda: regularizer_section(bench, table))
     if "models" not in skip:
         rec["models"] = guarded("(h)", table, lambda: models_section(bench, table))
-    if "malloc" not in skip:
-        rec["malloc"] = guarded("(i)", table, lambda: malloc_section(bench, table))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the sections, print the table and the notes, write the JSON record."""
     args = parse_args(argv)
+    if args.malloc_probe:  # a child of section (i): print its run's seconds, nothing else
+        mode, root, work = args.malloc_probe
+        print(malloc_probe(mode == "tuned", Path(root), Path(work)))
+        return
     bench = make_bench(args)
     start = time.perf_counter()
     tune_malloc()  # what the runner does by default (trainer.tune_malloc=true): every section measures that

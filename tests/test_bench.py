@@ -128,17 +128,21 @@ def test_interleaved_calls_one_of_each_per_round_after_one_warm_up():
     assert calls == ["a", "b"] * 2
 
 
-def test_with_malloc_sets_the_values_before_its_calls(monkeypatch):
-    import ctypes
+def test_malloc_section_alternates_fresh_processes_and_pairs_rounds(monkeypatch, tmp_path):
+    order = []
 
-    events = []
-    libc = types.SimpleNamespace(mallopt=lambda param, value: events.append((param, value)) or 1)
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
-    run = bench.with_malloc({-3: 7, -1: 9}, lambda: events.append("step"), calls=3)
-    assert events == []  # nothing until called
-    run()
-    assert events == [(-3, 7), (-1, 9), "step", "step", "step"]
-    assert set(bench.glibc_defaults().values()) == {128 * 1024}  # glibc's documented defaults
+    def probe(tuned: bool, root, work) -> float:
+        order.append(tuned)
+        return 0.1 if tuned else 0.1 + 0.01 * len(order)
+
+    monkeypatch.setattr(bench, "probe_in_child", probe)
+    table = bench.Table(record={})
+    out = bench.malloc_section(bench.Bench("resnet50", 129, 2, "cpu", 3, 64, False), tmp_path, tmp_path, table)
+    assert order == [False, True, True, False, False, True]  # the order alternates round by round
+    # rounds pair the i-th default with the i-th tuned: defaults 0.11, 0.14, 0.15 over 0.1
+    assert out["default_vs_tuned"]["median"] == pytest.approx(1.4)
+    assert out["default_vs_tuned"]["min"] == pytest.approx(1.1) and out["default_vs_tuned"]["max"] == pytest.approx(1.5)
+    assert "(i)" in table.render()
 
 
 def test_phase_timers_wrap_module_globals_and_restore_them():
