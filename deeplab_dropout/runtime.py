@@ -110,9 +110,9 @@ def resolve_device(cfg: DictConfig) -> Runtime:
 def tune_malloc() -> bool:
     """Make glibc's malloc keep freed memory for reuse (trainer.tune_malloc); False where libc is not glibc.
 
-    By default glibc serves each block over 128 KiB-32 MiB with a fresh mmap and returns freed memory at the
-    top of the heap to the OS, so every CPU step page-faults its activations and gradients in anew (the
-    kernel zeroes each page). Serving blocks up to 32 MiB from the heap and keeping up to 1 GiB of freed heap
+    By default glibc serves each block above its mmap threshold (128 KiB at start, rising with what is freed)
+    with a fresh mmap and returns freed memory at the top of the heap to the OS, so every CPU step
+    page-faults its activations and gradients in anew (the kernel zeroes each page). Serving blocks up to 32 MiB from the heap and keeping up to 1 GiB of freed heap
     makes later steps reuse warm pages: the demo's runs 1.12-1.15x faster (scripts/bench.py section (i)).
     Only where memory comes from changes, never a computed number; the price is up to 1 GiB of freed memory
     the process keeps (the demo's peak 1.24 GB against 1.14 GB), as jemalloc/tcmalloc do by default.
