@@ -344,10 +344,17 @@ class BestWeights:
     record: dict  # BEST's keys besides the weights: epoch, config, cell, split, metrics
 
     @classmethod
-    def of(cls, results: RunResults, model_state: dict) -> BestWeights:
-        """The weights ``model_state`` of the last epoch in ``results`` (its new best), copied to the CPU."""
+    def of(cls, results: RunResults, model_state: dict, superseded: BestWeights | None = None) -> BestWeights:
+        """The weights ``model_state`` of the last epoch in ``results`` (its new best), copied to the CPU, into
+        the tensors of ``superseded`` (an earlier best still waiting, never to be written) where they fit:
+        a copy without new memory to allocate and fault in."""
         record = {**_run_record(results), "metrics": results.data["best"]}
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in model_state.items()}
+        old = superseded.record["model"] if superseded is not None else {}
+        weights = {}
+        for key, value in model_state.items():
+            value, into = value.detach(), old.get(key)
+            fits = into is not None and into.shape == value.shape and into.dtype == value.dtype
+            weights[key] = into.copy_(value) if fits else value.to("cpu", copy=True)
         return cls(record["epoch"], {"model": weights, **record})
 
 

@@ -27,10 +27,12 @@ HPARAM_METRICS = ("hparams/best_miou", "hparams/best_per_image_miou_mean", "hpar
 CAPTION_HEIGHT = 14  # pixels of the title band above each strip (PIL's default font is ~11 high)
 
 
+PALETTE = torch.tensor(VOC_PALETTE, dtype=torch.uint8).reshape(256, 3)  # label -> RGB
+
+
 def colorize(mask: torch.Tensor) -> torch.Tensor:
     """(H, W) integer labels -> (3, H, W) uint8 in the VOC palette (255 = void is its cream colour)."""
-    palette = torch.tensor(VOC_PALETTE, dtype=torch.uint8).reshape(256, 3)
-    return palette[mask.long().clamp(0, 255).cpu()].permute(2, 0, 1)
+    return PALETTE[mask.long().clamp(0, 255).cpu()].permute(2, 0, 1)
 
 
 def overlay(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:

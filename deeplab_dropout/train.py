@@ -474,7 +474,7 @@ def record_epoch(state: RunState, epoch: int, stats: dict, ev: dict | None, seco
              state.cfg.trainer.epochs, entry["train_loss"], _fmt(entry.get("val_loss")),
              _fmt(entry.get("miou")), entry["lr"], entry["drop_p"], entry["seconds"])
     if is_best:
-        state.best = BestWeights.of(state.results, state.model.state_dict())
+        state.best = BestWeights.of(state.results, state.model.state_dict(), superseded=state.best)
     # A resume from an older last.pt re-trains the epochs after it, to the same numbers (runs are seeded).
     # The last epoch's checkpoint is final_checkpoint's: last.pt then only if it is kept.
     t = state.cfg.trainer

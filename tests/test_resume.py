@@ -242,6 +242,29 @@ def test_best_pt_waits_for_a_checkpoint_and_holds_the_best_epochs_weights(voc_ro
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # a copy, not the live weights
 
 
+def test_a_new_best_overwrites_the_waiting_copy_in_place_never_the_model():
+    results = results_mod.RunResults("unused.json", cell="none", config={}, split={}, monitor="miou")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    results.add_epoch({"epoch": 1, "miou": 0.1}, write=False)
+    first = results_mod.BestWeights.of(results, model.state_dict())
+    kept = {k: v.clone() for k, v in first.record["model"].items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training goes on: the copy must not follow the live weights
+    assert all(torch.equal(first.record["model"][k], kept[k]) for k in kept)
+    results.add_epoch({"epoch": 2, "miou": 0.2}, write=False)
+    second = results_mod.BestWeights.of(results, model.state_dict(), superseded=first)
+    assert second.epoch == 2 and second.record["epoch"] == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(second.record["model"][k], v)
+        assert second.record["model"][k].data_ptr() == first.record["model"][k].data_ptr()  # no new memory
+        assert second.record["model"][k].data_ptr() != v.data_ptr()  # and never the model's own tensor
+    wider = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5))  # shapes that don't fit
+    third = results_mod.BestWeights.of(results, wider.state_dict(), superseded=second)
+    assert all(torch.equal(third.record["model"][k], v) for k, v in wider.state_dict().items())
+    assert third.record["model"]["0.weight"].data_ptr() != second.record["model"]["0.weight"].data_ptr()
+
+
 def test_a_failing_run_writes_the_best_weights_results_json_names(voc_root, tmp_path, straight, monkeypatch):
     real = train_mod.train_one_epoch
 
