@@ -126,12 +126,19 @@ class ResNetBackbone(nn.Module):
 # --- head -------------------------------------------------------------------------------------------------
 
 class ConvBNReLU(nn.Module):
-    """Bias-free conv (same padding, optional dilation) + BN + ReLU, with an optional ``drop`` slot."""
+    """Bias-free conv (same padding, optional dilation and stride) + BN + ReLU, with an optional ``drop`` slot;
+    ``transposed``: a transposed conv that multiplies H and W by ``stride`` instead of dividing them."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int = 1, dilation: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1, dilation: int = 1, stride: int = 1,
+                 transposed: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation,
-                              bias=False)
+        padding = dilation * (kernel_size // 2)
+        if transposed:
+            self.conv = nn.ConvTranspose2d(cin, cout, kernel_size, stride=stride, padding=padding,
+                                           output_padding=stride - 1, dilation=dilation, bias=False)
+        else:
+            self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                                  bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.drop = nn.Identity()

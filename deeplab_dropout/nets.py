@@ -257,29 +257,14 @@ class FPN(SegmentationModel):
 
 # --- the VOC 2007 course report's encoder-decoder -----------------------------------------------------------
 
-class CourseBlock(nn.Module):
-    """3x3 conv (stride 2) or transposed conv (x2 up) -> BN -> ReLU, then the block's regulariser slot ``drop``.
-    No conv bias: the BN right after it subtracts any bias again."""
-
-    def __init__(self, cin: int, cout: int, up: bool = False) -> None:
-        super().__init__()
-        self.conv = (nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=False) if up
-                     else nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False))
-        self.bn = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.drop = nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.relu(self.bn(self.conv(x))))
-
-
 class CourseEncoder(nn.Module):
-    """conv1..conv5 of the report: each halves H and W."""
+    """conv1..conv5 of the report (3x3 conv stride 2 -> BN -> ReLU, then the level's ``drop`` slot): each
+    halves H and W."""
 
     def __init__(self, channels: list[int]) -> None:
         super().__init__()
         pairs = zip([3, *channels[:-1]], channels, strict=True)
-        self.levels = nn.ModuleList(CourseBlock(cin, cout) for cin, cout in pairs)
+        self.levels = nn.ModuleList(ConvBNReLU(cin, cout, 3, stride=2) for cin, cout in pairs)
 
     def forward(self, x: Tensor) -> Tensor:
         for level in self.levels:
@@ -299,14 +284,14 @@ class CourseBridge(nn.Module):
 
 
 class CourseDecoder(nn.Module):
-    """deconv1..deconv5 (x2 up each; the encoder's widths backwards, the first keeping the deepest), then the
-    1x1 classifier."""
+    """deconv1..deconv5 (3x3 transposed conv x2 up -> BN -> ReLU -> ``drop`` slot; the encoder's widths
+    backwards, the first keeping the deepest), then the 1x1 classifier."""
 
     def __init__(self, channels: list[int], num_classes: int) -> None:
         super().__init__()
         widths = [channels[-1], *reversed(channels)]  # 512 -> 512 -> 256 -> ... -> 32 for the report's widths
         pairs = zip(widths[:-1], widths[1:], strict=True)
-        self.levels = nn.ModuleList(CourseBlock(cin, cout, up=True) for cin, cout in pairs)
+        self.levels = nn.ModuleList(ConvBNReLU(cin, cout, 3, stride=2, transposed=True) for cin, cout in pairs)
         self.classifier = nn.Conv2d(channels[0], num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
