@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_cfg
-from test_data_transforms import coded_pair, data_cfg, decode, uniform_interior
+from test_data_transforms import data_cfg, decode, train_samples, uniform_interior
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -34,12 +34,8 @@ def test_rotation_sits_after_the_resize_and_before_pad_and_crop():
 
 def test_rotation_keeps_image_and_mask_aligned():
     cfg = rotated_cfg(45, blur_p=0.0)
-    t = get_transform(True, cfg)
     checked = void = 0
-    for seed in range(12):
-        image, label = coded_pair(seed=seed)
-        torch.manual_seed(seed)
-        img, mask = t(image, label)
+    for label, img, mask in train_samples(cfg):
         # NEAREST for the mask: only labels of the source (and the 255 fill), never a blend of two.
         assert set(mask.unique().tolist()) <= set(np.unique(label).tolist()) | {255}
         inner = uniform_interior(mask)

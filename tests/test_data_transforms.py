@@ -37,6 +37,16 @@ def coded_pair(h: int = 64, w: int = 88, block: int = 16, seed: int = 0):
     return Image.fromarray(CODES[label]), label
 
 
+def train_samples(cfg, seeds=range(12)):
+    """(source label map, transformed image, transformed mask) of coded_pair(seed) through the train transform
+    of ``cfg``, with torch seeded by ``seed``, for each seed."""
+    t = get_transform(True, cfg)
+    for seed in seeds:
+        image, label = coded_pair(seed=seed)
+        torch.manual_seed(seed)
+        yield (label, *t(image, label))
+
+
 def decode(img: torch.Tensor, cfg) -> torch.Tensor:
     rgb = denormalize(img, cfg).permute(1, 2, 0).reshape(-1, 1, 3).int()
     dist = (rgb - torch.from_numpy(CODES).int()[None]).abs().sum(-1)
@@ -53,12 +63,8 @@ def uniform_interior(mask: torch.Tensor, r: int = 3) -> torch.Tensor:
 
 def test_train_keeps_image_and_mask_aligned():
     cfg = data_cfg(blur_p=0.0)
-    t = get_transform(True, cfg)
     flipped_seen = checked = 0
-    for seed in range(12):
-        image, label = coded_pair(seed=seed)
-        torch.manual_seed(seed)
-        img, mask = t(image, label)
+    for seed, (_, img, mask) in enumerate(train_samples(cfg)):
         assert img.shape == (3, 48, 48) and img.dtype == torch.float32
         assert mask.shape == (48, 48) and mask.dtype == torch.int64
         inner = uniform_interior(mask)
