@@ -489,20 +489,33 @@ def phase_timers(module, names: tuple[str, ...], device: torch.device):
             setattr(module, name, fn)
 
 
+@contextmanager
+def demo_state(overrides: list[str], run_dir: Path):
+    """The runner's state (``train.set_up``) of the composed ``overrides`` in ``run_dir``, with its TensorBoard
+    logger as ``train.run`` opens it (closed on exit): what (e) and (i) drive epoch by epoch."""
+    from deeplab_dropout import train
+    from deeplab_dropout.tb import TBLogger, run_hparams
+
+    cfg = compose_cfg(overrides)
+    state = train.set_up(cfg, run_dir)
+    state.tb = TBLogger(state.run_dir, run_hparams(cfg))
+    try:
+        yield state
+    finally:
+        state.tb.close()
+
+
 def demo_section(bench: Bench, root: Path, work: Path, table: Table) -> dict:
     """(e): the demo's `none` cell, every epoch through the runner's ``run_epoch`` (train, evaluate, record,
     checkpoints as the demo writes them): wall time ÷ the time inside the model (train steps, eval-mode
     forwards), over the whole run and per epoch."""
     from deeplab_dropout import train
-    from deeplab_dropout.tb import TBLogger, run_hparams
 
-    cfg = compose_cfg(demo_overrides(root, bench.device))
-    state = train.set_up(cfg, work / "demo")
-    state.tb = TBLogger(state.run_dir, run_hparams(cfg))
-    device = state.runtime.device
-    log(f"(e) the demo's {cfg.trainer.epochs} epochs: {len(state.train_ds)} train, {len(state.val_ds)} val images")
-    epochs = []  # per epoch: wall, train_step, train_one_epoch, evaluate, eval forwards
-    try:
+    with demo_state(demo_overrides(root, bench.device), work / "demo") as state:
+        cfg, device = state.cfg, state.runtime.device
+        log(f"(e) the demo's {cfg.trainer.epochs} epochs: {len(state.train_ds)} train, {len(state.val_ds)} val "
+            "images")
+        epochs = []  # per epoch: wall, train_step, train_one_epoch, evaluate, eval forwards
         with phase_timers(train, ("train_step", "train_one_epoch", "evaluate"), device) as phase, \
                 model_timer(state.model, device, in_training=False) as eval_model:
             for epoch in range(cfg.trainer.epochs):
@@ -512,8 +525,6 @@ def demo_section(bench: Bench, root: Path, work: Path, table: Table) -> dict:
                 epochs.append([wall] + [a - b for a, b in zip(after, before, strict=True)])
             wall = timed(lambda: train.final_checkpoint(state), device)
             epochs[-1][0] += wall  # the last epoch's checkpoint: part of its cost
-    finally:
-        state.tb.close()
     return add_demo_rows(cfg, state, epochs, table)
 
 
@@ -651,19 +662,13 @@ def malloc_probe(tuned: bool, root: Path, work: Path) -> float:
     """Wall seconds of the demo's `none` cell, every epoch through ``run_epoch`` and its final checkpoint, in
     this process with trainer.tune_malloc=``tuned``: the child side of (i)."""
     from deeplab_dropout import train
-    from deeplab_dropout.tb import TBLogger, run_hparams
 
-    cfg = compose_cfg(demo_overrides(root, "cpu") + [f"trainer.tune_malloc={str(tuned).lower()}"])
-    state = train.set_up(cfg, work)
-    state.tb = TBLogger(state.run_dir, run_hparams(cfg))
-    try:
+    with demo_state(demo_overrides(root, "cpu") + [f"trainer.tune_malloc={str(tuned).lower()}"], work) as state:
         start = time.perf_counter()
-        for epoch in range(cfg.trainer.epochs):
+        for epoch in range(state.cfg.trainer.epochs):
             train.run_epoch(state, epoch)
         train.final_checkpoint(state)
         return time.perf_counter() - start
-    finally:
-        state.tb.close()
 
 
 def probe_in_child(tuned: bool, root: Path, work: Path) -> float:
