@@ -161,15 +161,12 @@ class DropBlock(Regularizer):
         """The block size used on an H x W map: block_size, clipped to min(H, W)."""
         return max(1, min(self.block_size, height, width))
 
-    def seed_ratio(self, height: int, width: int) -> float:
-        """gamma / p: H*W / (bs^2 (H-bs+1)(W-bs+1)), Ghiasi et al. eq. (1) with separate H and W."""
+    def gamma(self, height: int, width: int, rate: float | Tensor | None = None) -> float | Tensor:
+        """Seed probability rate / bs^2 * H*W / ((H-bs+1)(W-bs+1)), Ghiasi et al. eq. (1) with separate H and W,
+        before clipping to 1; ``rate`` is p x rate_scale (a float by default; a tensor when compiled)."""
         bs = self.effective_block_size(height, width)
-        return (height * width) / (bs**2 * (height - bs + 1) * (width - bs + 1))
-
-    def gamma(self, height: int, width: int) -> float:
-        """Seed probability p x rate_scale x seed_ratio (before clipping to 1)."""
-        bs = self.effective_block_size(height, width)
-        return self._p * self.rate_scale / bs**2 * (height * width) / ((height - bs + 1) * (width - bs + 1))
+        rate = self._p * self.rate_scale if rate is None else rate
+        return rate / bs**2 * (height * width) / ((height - bs + 1) * (width - bs + 1))
 
     def _seeds(self, shape: tuple[int, ...], gamma: float | Tensor, device: torch.device) -> Tensor:
         """Bernoulli(gamma) seeds in float32 (a separate method so tests can force a seed)."""
@@ -183,7 +180,7 @@ class DropBlock(Regularizer):
         n, c, h, w = x.shape
         bs = self.effective_block_size(h, w)
         if torch.compiler.is_compiling():
-            gamma = (self.rate(x) * self.seed_ratio(h, w)).clamp(max=1.0)
+            gamma = self.gamma(h, w, self.rate(x)).clamp(max=1.0)
         else:
             gamma = min(1.0, self.gamma(h, w))
         # Mask maths in float32: counts of ones in float16 overflow (torchvision's drop_block2d bug).
