@@ -1,6 +1,7 @@
 """Table 1 transforms: joint geometry, 255 label padding, crop size, blur radius, val center/full."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageFilter
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from deeplab_dropout.data import denormalize, get_transform
@@ -127,9 +129,9 @@ def test_zero_blur_radius_equals_no_blur():
 
 
 def test_blur_radius_sampled_in_range_with_probability():
-    blur = RandomGaussianBlur(p=0.5, radius=[0.3, 0.8])
+    blur = RandomGaussianBlur(p=0.5, lo=0.3, hi=0.8)
     torch.manual_seed(0)
-    radii = np.array([blur.make_params([])["radius"] for _ in range(2000)])
+    radii = np.array([blur.draw() for _ in range(2000)])
     applied = radii[radii > 0]
     assert 0.45 < len(applied) / len(radii) < 0.55
     assert applied.min() >= 0.3 and applied.max() <= 0.8
@@ -141,9 +143,9 @@ def test_blur_has_pil_radius_semantics_and_spares_the_mask():
     arr = np.kron(rng.integers(0, 256, (6, 7, 3)).astype(np.uint8), np.ones((10, 10, 1), np.uint8))
     inner = (slice(8, -8), slice(8, -8))
     for r in (0.5, 1.0):
-        blur = RandomGaussianBlur(p=1.0, radius=[r, r])
-        mask = tv_tensors.Mask(torch.from_numpy(arr[..., 0].copy())[None])
-        out_img, out_mask = blur(tv_tensors.Image(torch.from_numpy(arr).permute(2, 0, 1)), mask)
+        blur = RandomGaussianBlur(p=1.0, lo=r, hi=r)
+        mask = torch.from_numpy(arr[..., 0].copy())[None]
+        out_img, out_mask = blur(torch.from_numpy(arr).permute(2, 0, 1), mask)
         assert torch.equal(out_mask, mask)
         ours = out_img.permute(1, 2, 0).numpy().astype(float)[inner]
         pil = np.asarray(Image.fromarray(arr).filter(ImageFilter.GaussianBlur(r))).astype(float)[inner]
@@ -192,3 +194,72 @@ def test_normalisation_uses_config_mean_std():
     image = Image.fromarray(np.full((4, 4, 3), 255, np.uint8))
     img, _ = get_transform(False, cfg)(image, np.zeros((4, 4), np.uint8))
     assert torch.allclose(img[:, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+
+
+# --- the same pixels and draws as the v2.Compose pipeline the steps replaced (torchvision's own dispatch) ---
+class V2PadTo(v2.Transform):
+    def __init__(self, size: int, center: bool = False) -> None:
+        super().__init__()
+        self.size, self.center = size, center
+
+    def make_params(self, flat_inputs):
+        h, w = v2.query_size(flat_inputs)
+        dh, dw = max(self.size - h, 0), max(self.size - w, 0)
+        return {"padding": [dw // 2, dh // 2, dw - dw // 2, dh - dh // 2] if self.center else [0, 0, dw, dh]}
+
+    def transform(self, inpt, params):
+        fill = 255 if isinstance(inpt, tv_tensors.Mask) else 0
+        return self._call_kernel(F.pad, inpt, params["padding"], fill=fill) if any(params["padding"]) else inpt
+
+
+class V2Blur(v2.Transform):
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, p: float, lo: float, hi: float) -> None:
+        super().__init__()
+        self.p, self.lo, self.hi = p, lo, hi
+
+    def make_params(self, flat_inputs):
+        apply = bool(torch.rand(()) < self.p)
+        return {"r": float(torch.empty(()).uniform_(self.lo, self.hi)) if apply else 0.0}
+
+    def transform(self, inpt, params):
+        r = params["r"]
+        k = 2 * math.ceil(3 * r) + 1
+        return inpt if r <= 1e-3 else self._call_kernel(F.gaussian_blur, inpt, [k, k], [r, r])
+
+
+def v2_reference(train: bool, cfg) -> v2.Compose:
+    """The Table 1 / val pipeline as v2 transforms: RandomResize, RandomRotation, RandomCrop, ... themselves."""
+    crop, base = cfg.crop_size, cfg.base_size
+    finish = [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+              v2.Normalize(list(cfg.mean), list(cfg.std))]
+    if not train:
+        center = [v2.Resize(base), V2PadTo(crop, center=True), v2.CenterCrop(crop)]
+        return v2.Compose((center if cfg.val_crop == "center" else []) + finish)
+    lo, hi = cfg.scale_range
+    d = cfg.augment.rotation_degrees
+    rotate = [v2.RandomRotation(d, v2.InterpolationMode.BILINEAR, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255})]
+    return v2.Compose([v2.RandomResize(max(1, round(base * lo)), max(1, round(base * hi)) + 1),
+                       *(rotate if d > 0 else []), V2PadTo(crop), v2.RandomCrop(crop),
+                       v2.RandomHorizontalFlip(cfg.flip_p), V2Blur(cfg.blur_p, *cfg.blur_radius), *finish])
+
+
+@pytest.mark.parametrize(("train", "over"), [
+    (True, {}), (True, {"rotation": 30.0}), (True, {"blur_p": 1.0, "flip_p": 1.0, "scale_range": [0.3, 0.9]}),
+    (False, {"val_crop": "center"}), (False, {"val_crop": "center", "base_size": 32}), (False, {"val_crop": "full"})])
+def test_steps_give_the_v2_pipelines_pixels_and_draws(train, over):
+    over = dict(over)
+    cfg = data_cfg(**{k: v for k, v in over.items() if k != "rotation"})
+    cfg.augment.rotation_degrees = over.get("rotation", 0.0)
+    ours, ref = get_transform(train, cfg), v2_reference(train, cfg)
+    for seed, (h, w) in enumerate([(64, 88), (30, 41), (97, 50), (48, 48), (20, 130)] * 4):
+        image, label = coded_pair(h=h, w=w, block=5, seed=seed)
+        torch.manual_seed(seed)
+        img, mask = ours(image, label)
+        after = torch.get_rng_state()
+        torch.manual_seed(seed)
+        ref_img, ref_mask = ref(tv_tensors.Image(F.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(label)[None]))
+        assert torch.equal(img, ref_img) and torch.equal(mask, ref_mask[0]), (seed, h, w)
+        assert img.dtype == torch.float32 and mask.dtype == torch.int64
+        assert torch.equal(after, torch.get_rng_state()), "a different number of random draws"

@@ -7,12 +7,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-
-from deeplab_dropout.data.transforms import PadTo, RandomGaussianBlur
+from torchvision.transforms.v2 import functional as F
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+TRANSFORMS = Path(__file__).resolve().parents[1] / "deeplab_dropout" / "data" / "transforms.py"
 
 
 def _release(text: str) -> tuple[int, ...]:
@@ -26,8 +24,7 @@ def floor(package: str) -> tuple[int, ...]:
 
 
 def test_floors_are_where_the_used_apis_became_public():
-    # make_params/transform replaced _get_params/_transform as the public v2 API in torchvision 0.21,
-    # which was released with torch 2.6.
+    # torchvision 0.21 (released with torch 2.6) has every kernel of KERNELS under these public names.
     assert floor("torchvision") >= (0, 21)
     assert floor("torch") >= (2, 6)
 
@@ -37,15 +34,19 @@ def test_installed_versions_satisfy_the_floors():
     assert _release(version("torchvision")) >= floor("torchvision")
 
 
-def test_v2_transform_api_used_by_our_transforms():
-    for name in ("make_params", "transform"):
-        assert name in vars(v2.Transform), f"torchvision.transforms.v2.Transform.{name} is not public here"
-        for cls in (PadTo, RandomGaussianBlur):
-            assert name in vars(cls), f"{cls.__name__} must override {name}"
-    for name in ("query_size", "RandomResize", "RandomCrop", "CenterCrop", "ToDtype", "Normalize", "Compose"):
-        assert hasattr(v2, name), name
-    assert "scale" in inspect.signature(v2.ToDtype).parameters
-    assert issubclass(tv_tensors.Mask, torch.Tensor) and issubclass(tv_tensors.Image, torch.Tensor)
+# The v2 kernels our transform steps call directly (data/transforms.py), by their public names.
+KERNELS = ("resize_image", "resize_mask", "rotate_image", "rotate_mask", "pad_image", "pad_mask", "crop_image",
+           "crop_mask", "center_crop_image", "center_crop_mask", "horizontal_flip_image", "horizontal_flip_mask",
+           "gaussian_blur_image", "to_dtype_image", "normalize_image", "pil_to_tensor")
+
+
+def test_v2_kernels_used_by_our_transforms():
+    for name in KERNELS:
+        assert callable(getattr(F, name, None)), f"torchvision.transforms.v2.functional.{name} is not public here"
+    assert "scale" in inspect.signature(F.to_dtype_image).parameters
+    assert "antialias" in inspect.signature(F.resize_image).parameters
+    used = {m for m in re.findall(r"\bF\.(\w+)\(", TRANSFORMS.read_text())}
+    assert used <= set(KERNELS), f"data/transforms.py calls kernels this test does not check: {used - set(KERNELS)}"
 
 
 def test_torch_apis_used_by_the_runner():

@@ -49,23 +49,6 @@ def cache_train(ds: VOCSegmentation, setting: str) -> bool:
     return True
 
 
-def _geometry(data_cfg: Any):
-    """The val transform without its float conversion: (uint8 image, uint8 mask) -> same, resized/cropped."""
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
-
-    from deeplab_dropout.data.transforms import get_transform
-
-    steps = get_transform(False, data_cfg).pipeline.transforms[:-2]  # all but ToDtype and Normalize
-    pipeline = v2.Compose(steps) if steps else v2.Identity()  # `full`: no geometry at all
-
-    def apply(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        img, m = pipeline(tv_tensors.Image(image), tv_tensors.Mask(mask[None]))
-        return img.as_subclass(torch.Tensor), m[0].as_subclass(torch.Tensor)
-
-    return apply
-
-
 class CachedValLoader:
     """The val set, decoded, resized and centre-cropped once, as uint8 tensors; iterates (uint8 images,
     uint8 masks) batches in order (``normalize_batch`` finishes them on the device). ``dataset`` is the
@@ -73,7 +56,9 @@ class CachedValLoader:
 
     def __init__(self, dataset: VOCSegmentation, data_cfg: Any, batch_size: int, device: torch.device) -> None:
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
-        geometry = _geometry(data_cfg)
+        from deeplab_dropout.data.transforms import get_transform
+
+        geometry = get_transform(False, data_cfg).geometry  # resized and cropped, still uint8
         pairs = [geometry(*dataset.load_tensors(i)) for i in range(len(dataset))]
         self.images = [img.to(device) for img, _ in pairs]
         self.masks = [m.to(device) for _, m in pairs]
