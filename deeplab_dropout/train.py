@@ -425,8 +425,11 @@ def show(state: RunState, tag: str, view: View, epoch: int, miou: float) -> None
     state.tb.image(tag, strip(view.image, view.target, view.pred, titles=titles), epoch)
 
 
-def view_miou(view: View, cfg: DictConfig) -> float:
-    """The per-image mIoU of the prediction in ``view`` (NaN if the image has no valid pixel)."""
+def view_miou(view: View, index: int, ev: dict, cfg: DictConfig) -> float:
+    """The per-image mIoU of the prediction in ``view`` of val image ``index`` (NaN if the image has no valid
+    pixel): evaluate's own number when it kept that prediction, else scored here."""
+    if index in ev["preds"]:
+        return ev["image_miou"][index]
     metrics = SegmentationMetrics(cfg.model.num_classes, cfg.data.ignore_index)
     metrics.update(view.pred, view.target)
     return metrics.image_miou[0].item()
@@ -436,8 +439,8 @@ def record_views(state: RunState, epoch: int, ev: dict, is_best: bool) -> None:
     """The fixed val images' predictions at evaluated epoch ``epoch`` (1-based); at a new best epoch also the
     best and worst image's, per_image.npz and predictions/index.json."""
     fixed = {i: predict(state, i, ev["preds"].get(i)) for i in state.tb_indices}
-    for view in fixed.values():
-        show(state, f"val_images/{view.id}", view, epoch, view_miou(view, state.cfg))
+    for i, view in fixed.items():
+        show(state, f"val_images/{view.id}", view, epoch, view_miou(view, i, ev, state.cfg))
     if not is_best:
         return
     counts = ev["image_counts"]
