@@ -10,7 +10,8 @@ Sections (each printed row names the config it used):
     rounds at the same precision, and ÷ the faster of that GEMM and a dense 3×3 convolution (on CPU oneDNN's
     convolutions can run above the BLAS's GEMM: the step can exceed the GEMM, never the faster of the two); (c) torchvision's own deeplabv3_<backbone> train step on the same input, ours ÷
     theirs in FLOP/s; (d) the runner's ``evaluate`` with data.val_cache=ram vs off (demo model, VOC-sized generated
-    images); (e) the demo's `none` cell, all its epochs through ``run_epoch``, wall ÷ time inside the model;
+    images); (e) the demo's `none` cell, all its epochs through ``run_epoch``, wall ÷ time inside the model,
+    over --repeats runs one after another in this process (as the demo's sweep runs its 16 cells);
 (f) projected time of one 50-epoch study run and of the 31-run study from (a), (d), (e) and the FLOP count;
 (g) the cost of the regularisers (each `all-*` cell ÷ `none`; our DropBlock ÷ torchvision's drop_block2d);
 (h) each architecture's train step (DeepLabv3+, FCN, FPN, U-Net): FLOPs, images/s, time ÷ DeepLabv3+'s;
@@ -505,44 +506,59 @@ def demo_state(overrides: list[str], run_dir: Path):
         state.tb.close()
 
 
-def demo_section(bench: Bench, root: Path, work: Path, table: Table) -> dict:
-    """(e): the demo's `none` cell, every epoch through the runner's ``run_epoch`` (train, evaluate, record,
-    checkpoints as the demo writes them): wall time ÷ the time inside the model (train steps, eval-mode
-    forwards), over the whole run and per epoch."""
+def demo_run(overrides: list[str], run_dir: Path, device: torch.device) -> tuple[object, list[list[float]]]:
+    """One demo run through the runner's ``run_epoch`` (train, evaluate, record, checkpoints as the demo writes
+    them); returns its state and per epoch [wall, train_step, train_one_epoch, evaluate, eval forwards] seconds
+    (the last epoch's wall with the final checkpoint)."""
     from deeplab_dropout import train
 
-    with demo_state(demo_overrides(root, bench.device), work / "demo") as state:
-        cfg, device = state.cfg, state.runtime.device
-        log(f"(e) the demo's {cfg.trainer.epochs} epochs: {len(state.train_ds)} train, {len(state.val_ds)} val "
-            "images")
-        epochs = []  # per epoch: wall, train_step, train_one_epoch, evaluate, eval forwards
+    with demo_state(overrides, run_dir) as state:
+        epochs = []
         with phase_timers(train, ("train_step", "train_one_epoch", "evaluate"), device) as phase, \
                 model_timer(state.model, device, in_training=False) as eval_model:
-            for epoch in range(cfg.trainer.epochs):
+            for epoch in range(state.cfg.trainer.epochs):
                 before = [phase["train_step"], phase["train_one_epoch"], phase["evaluate"], eval_model[0]]
                 wall = timed(lambda e=epoch: train.run_epoch(state, e), device)
                 after = [phase["train_step"], phase["train_one_epoch"], phase["evaluate"], eval_model[0]]
                 epochs.append([wall] + [a - b for a, b in zip(after, before, strict=True)])
-            wall = timed(lambda: train.final_checkpoint(state), device)
-            epochs[-1][0] += wall  # the last epoch's checkpoint: part of its cost
-    return add_demo_rows(cfg, state, epochs, table)
+            epochs[-1][0] += timed(lambda: train.final_checkpoint(state), device)
+    return state, epochs
 
 
-def add_demo_rows(cfg, state, epochs: list[list[float]], table: Table) -> dict:
-    """Section (e)'s record and printed rows from the per-epoch [wall, train_step, train loop, evaluate, eval
-    forwards] seconds."""
-    wall, steps, loop, evaluate, forwards = (sum(e[i] for e in epochs) for i in range(5))
+def demo_section(bench: Bench, root: Path, work: Path, table: Table) -> dict:
+    """(e): the demo's `none` cell run ``bench.repeats`` times in this process, one after another as the demo's
+    sweep runs its 16 cells: wall time ÷ the time inside the model (train steps, eval-mode forwards), per run
+    (the first one also pays the process's first-use costs: imports, fonts, kernel set-up), and per epoch."""
+    overrides, device = demo_overrides(root, bench.device), torch.device(bench.device)
+    runs = []
+    for r in range(bench.repeats):
+        state, epochs = demo_run(overrides, work / f"demo-{r}", device)
+        if r == 0:
+            log(f"(e) the demo's {state.cfg.trainer.epochs} epochs: {len(state.train_ds)} train, "
+                f"{len(state.val_ds)} val images, {bench.repeats} runs")
+        runs.append(epochs)
+    return add_demo_rows(state.cfg, state, runs, table)
+
+
+def add_demo_rows(cfg, state, runs: list[list[list[float]]], table: Table) -> dict:
+    """Section (e)'s record and printed rows from each run's per-epoch [wall, train_step, train loop, evaluate,
+    eval forwards] seconds."""
+    totals = [[sum(e[i] for e in epochs) for i in range(5)] for epochs in runs]  # per run
+    ratios = [wall / (steps + fwd) for wall, steps, _, _, fwd in totals]
+    wall, steps, loop, evaluate, _ = (sum(t[i] for t in totals) / len(runs) for i in range(5))  # per-run means
     out = {"config": f"experiment=demo cell=none ({cfg.model.backbone}, crop {cfg.data.crop_size}, batch "
                      f"{cfg.trainer.batch_size}), {len(state.train_ds)} train / {len(state.val_ds)} val images, "
-                     f"{len(epochs)} epochs",
-           "epochs": epochs, "run_wall_s": wall, "wall_over_model": wall / (steps + forwards),
-           "per_epoch_wall_over_model": spread([e[0] / (e[1] + e[4]) for e in epochs]),
+                     f"{len(runs[0])} epochs, {len(runs)} runs in one process",
+           "runs": runs, "run_wall_s": [t[0] for t in totals], "wall_over_model": spread(ratios),
+           "first_run_wall_over_model": ratios[0],
+           "per_epoch_wall_over_model": spread([e[0] / (e[1] + e[4]) for epochs in runs for e in epochs]),
            "train_wall_over_steps": loop / steps, "eval_wall_s": evaluate, "record_s": wall - loop - evaluate}
-    table.add("(e)", "demo run: epochs' wall ÷ time in model", f"{out['wall_over_model']:.2f}× ({wall:.1f} s wall)",
-              out["config"])
+    table.add("(e)", "demo run: epochs' wall ÷ time in model", f"{fmt_spread(out['wall_over_model'])} "
+              f"({wall:.1f} s a run)", out["config"])
+    table.add("(e)", "  the process's first run", f"{ratios[0]:.2f}×", "")
     table.add("(e)", "  per epoch", fmt_spread(out["per_epoch_wall_over_model"]), "")
     table.add("(e)", "  training loop ÷ train_step time", f"{out['train_wall_over_steps']:.2f}×", "")
-    table.add("(e)", "  evaluate wall, record (rest), s", f"{evaluate:.2f}, {out['record_s']:.2f}", "")
+    table.add("(e)", "  evaluate wall, record (rest), s a run", f"{evaluate:.2f}, {out['record_s']:.2f}", "")
     return out
 
 
@@ -661,14 +677,9 @@ def models_section(bench: Bench, table: Table) -> dict:
 def malloc_probe(tuned: bool, root: Path, work: Path) -> float:
     """Wall seconds of the demo's `none` cell, every epoch through ``run_epoch`` and its final checkpoint, in
     this process with trainer.tune_malloc=``tuned``: the child side of (i)."""
-    from deeplab_dropout import train
-
-    with demo_state(demo_overrides(root, "cpu") + [f"trainer.tune_malloc={str(tuned).lower()}"], work) as state:
-        start = time.perf_counter()
-        for epoch in range(state.cfg.trainer.epochs):
-            train.run_epoch(state, epoch)
-        train.final_checkpoint(state)
-        return time.perf_counter() - start
+    overrides = demo_overrides(root, "cpu") + [f"trainer.tune_malloc={str(tuned).lower()}"]
+    _, epochs = demo_run(overrides, work, torch.device("cpu"))
+    return sum(e[0] for e in epochs)
 
 
 def probe_in_child(tuned: bool, root: Path, work: Path) -> float:
