@@ -530,12 +530,10 @@ def demo_section(bench: Bench, root: Path, work: Path, table: Table) -> dict:
     sweep runs its 16 cells: wall time ÷ the time inside the model (train steps, eval-mode forwards), per run
     (the first one also pays the process's first-use costs: imports, fonts, kernel set-up), and per epoch."""
     overrides, device = demo_overrides(root, bench.device), torch.device(bench.device)
+    log(f"(e) the demo's none cell, {bench.repeats} runs one after another")
     runs = []
     for r in range(bench.repeats):
         state, epochs = demo_run(overrides, work / f"demo-{r}", device)
-        if r == 0:
-            log(f"(e) the demo's {state.cfg.trainer.epochs} epochs: {len(state.train_ds)} train, "
-                f"{len(state.val_ds)} val images, {bench.repeats} runs")
         runs.append(epochs)
     return add_demo_rows(state.cfg, state, runs, table)
 

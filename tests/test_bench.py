@@ -206,3 +206,21 @@ def test_guarded_turns_a_failing_section_into_a_row_and_passes_results_through()
     record = bench.guarded("(d)", table, broken)
     assert record == {"unavailable": "KeyError: 'data.val_cache'"}
     assert table.rows == [("(d)", "section", "unavailable (KeyError: 'data.val_cache')", "")]
+
+
+def test_demo_rows_aggregate_runs_by_hand():
+    # Per epoch [wall, train_step, train loop, evaluate, eval forwards]; two runs of two epochs.
+    runs = [[[10.0, 6.0, 7.0, 2.0, 1.0], [12.0, 6.0, 8.0, 2.0, 2.0]],   # 22 s over 15 s in the model: 22/15
+            [[9.0, 5.0, 6.0, 2.0, 1.0], [9.0, 5.0, 6.0, 2.0, 1.0]]]     # 18 s over 12 s: 1.5
+    cfg = types.SimpleNamespace(model=types.SimpleNamespace(backbone="resnet18"),
+                                data=types.SimpleNamespace(crop_size=65), trainer=types.SimpleNamespace(batch_size=8))
+    state = types.SimpleNamespace(train_ds=[0] * 44, val_ds=[0] * 24)
+    table = bench.Table(record={})
+    out = bench.add_demo_rows(cfg, state, runs, table)
+    assert out["wall_over_model"] == bench.spread([22 / 15, 1.5])
+    assert out["first_run_wall_over_model"] == 22 / 15
+    assert out["per_epoch_wall_over_model"] == bench.spread([10 / 7, 12 / 8, 9 / 6, 9 / 6])
+    assert out["run_wall_s"] == [22.0, 18.0]
+    assert out["train_wall_over_steps"] == pytest.approx((15 + 12) / (12 + 10))  # loops ÷ steps, per-run means
+    assert out["eval_wall_s"] == pytest.approx(4.0) and out["record_s"] == pytest.approx(20 - 13.5 - 4)
+    assert "2 runs in one process" in out["config"] and len(table.rows) == 5
