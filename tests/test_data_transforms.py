@@ -263,3 +263,21 @@ def test_steps_give_the_v2_pipelines_pixels_and_draws(train, over):
         assert torch.equal(img, ref_img) and torch.equal(mask, ref_mask[0]), (seed, h, w)
         assert img.dtype == torch.float32 and mask.dtype == torch.int64
         assert torch.equal(after, torch.get_rng_state()), "a different number of random draws"
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_transforms_pickle_for_spawned_loader_workers(train):
+    # Loader workers started with `spawn` (macOS, or CUDA users) receive the dataset, transforms included, pickled.
+    import pickle
+
+    cfg = data_cfg(val_crop="center")
+    cfg.augment.rotation_degrees = 20.0
+    t = get_transform(train, cfg)
+    copy = pickle.loads(pickle.dumps(t))
+    assert repr(copy) == repr(t)
+    image, label = coded_pair(seed=3)
+    torch.manual_seed(5)
+    a = t(image, label)
+    torch.manual_seed(5)
+    b = copy(image, label)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
