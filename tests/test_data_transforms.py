@@ -249,7 +249,6 @@ def v2_reference(train: bool, cfg) -> v2.Compose:
     (True, {}), (True, {"rotation": 30.0}), (True, {"blur_p": 1.0, "flip_p": 1.0, "scale_range": [0.3, 0.9]}),
     (False, {"val_crop": "center"}), (False, {"val_crop": "center", "base_size": 32}), (False, {"val_crop": "full"})])
 def test_steps_give_the_v2_pipelines_pixels_and_draws(train, over):
-    over = dict(over)
     cfg = data_cfg(**{k: v for k, v in over.items() if k != "rotation"})
     cfg.augment.rotation_degrees = over.get("rotation", 0.0)
     ours, ref = get_transform(train, cfg), v2_reference(train, cfg)
