@@ -10,7 +10,7 @@ Sections (each printed row names the config it used):
     rounds at the same precision, and ÷ the faster of that GEMM and a dense 3×3 convolution (on CPU oneDNN's
     convolutions can run above the BLAS's GEMM: the step can exceed the GEMM, never the faster of the two); (c) torchvision's own deeplabv3_<backbone> train step on the same input, ours ÷
     theirs in FLOP/s; (d) the runner's ``evaluate`` with data.val_cache=ram vs off (demo model, VOC-sized generated
-    images); (e) the demo's `none` cell, all its epochs through ``run_epoch``, wall ÷ time inside the model,
+    images), and the most a cache can gain on this device; (e) the demo's `none` cell, all its epochs through ``run_epoch``, wall ÷ time inside the model,
     over --repeats runs one after another in this process (as the demo's sweep runs its 16 cells);
 (f) projected time of one 50-epoch study run and of the 31-run study from (a), (d), (e) and the FLOP count;
 (g) the cost of the regularisers (each `all-*` cell ÷ `none`; our DropBlock ÷ torchvision's drop_block2d);
@@ -446,8 +446,17 @@ def eval_section(bench: Bench, root: Path, work: Path, table: Table) -> dict:
     with model_timer(state.model, state.runtime.device, in_training=False) as inside:
         wall = timed(fns[mode], state.runtime.device)
     out["wall_over_model"] = wall / inside[0]
+    if "ram" in times:  # decode + resize + crop of each image, timed as the cache's fill
+        out["cache_bound"] = cache_bound(build["ram"] / n_val, out["images_per_s"]["ram"]["median"])
     add_eval_rows(out, table)
     return out
+
+
+def cache_bound(decode_s: float, cached_images_per_s: float) -> float:
+    """The most any val cache can gain on this device: (decoding an image + evaluating it from the cache) ÷ the
+    latter, per image: decoding, resizing and cropping are all a cache removes."""
+    cached_s = 1 / cached_images_per_s
+    return (decode_s + cached_s) / cached_s
 
 
 def add_eval_rows(out: dict, table: Table) -> None:
@@ -457,6 +466,10 @@ def add_eval_rows(out: dict, table: Table) -> None:
         table.add("(d)", f"eval val_cache={mode}, images/s", fmt_spread(s, "", 1), cfg)
     if "ram_vs_off" in out:
         table.add("(d)", "cached ÷ uncached eval speed", fmt_spread(out["ram_vs_off"]), cfg)
+    if "cache_bound" in out:
+        decode_ms = out["loader_build_s"]["ram"] / out["n_val"] * 1e3
+        table.add("(d)", "  the most a cache can gain here", f"{out['cache_bound']:.2f}× (decode {decode_ms:.1f} ms "
+                  f"+ cached eval {1e3 / out['images_per_s']['ram']['median']:.1f} ms an image)", "")
     else:
         reason = out.get("unavailable_ram", "data.val_cache not available")
         table.add("(d)", "cached vs uncached eval", f"unavailable ({reason})", cfg)

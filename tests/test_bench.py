@@ -224,3 +224,9 @@ def test_demo_rows_aggregate_runs_by_hand():
     assert out["train_wall_over_steps"] == pytest.approx((15 + 12) / (12 + 10))  # loops ÷ steps, per-run means
     assert out["eval_wall_s"] == pytest.approx(4.0) and out["record_s"] == pytest.approx(20 - 13.5 - 4)
     assert "2 runs in one process" in out["config"] and len(table.rows) == 5
+
+
+def test_cache_bound_by_hand():
+    # 3 ms to decode an image, 400 images/s (2.5 ms) evaluated from the cache: (3 + 2.5) / 2.5.
+    assert bench.cache_bound(0.003, 400.0) == pytest.approx(2.2)
+    assert bench.cache_bound(0.0, 50.0) == pytest.approx(1.0)  # nothing to decode: nothing to gain
