@@ -10,8 +10,9 @@ Sections (each printed row names the config it used):
     rounds at the same precision, and ÷ the faster of that GEMM and a dense 3×3 convolution (on CPU oneDNN's
     convolutions can run above the BLAS's GEMM: the step can exceed the GEMM, never the faster of the two); (c) torchvision's own deeplabv3_<backbone> train step on the same input, ours ÷
     theirs in FLOP/s; (d) the runner's ``evaluate`` with data.val_cache=ram vs off (demo model, VOC-sized generated
-    images), and the most a cache can gain on this device; (e) the demo's `none` cell, all its epochs through ``run_epoch``, wall ÷ time inside the model,
-    over --repeats runs one after another in this process (as the demo's sweep runs its 16 cells);
+    images), and the most a cache can gain on this device; (e) the demo's `none` cell, all its epochs through
+    ``run_epoch``, wall ÷ time inside the model, over --repeats runs one after another in this process (as the
+    demo's sweep runs its 16 cells);
 (f) projected time of one 50-epoch study run and of the 31-run study from (a), (d), (e) and the FLOP count;
 (g) the cost of the regularisers (each `all-*` cell ÷ `none`; our DropBlock ÷ torchvision's drop_block2d);
 (h) each architecture's train step (DeepLabv3+, FCN, FPN, U-Net): FLOPs, images/s, time ÷ DeepLabv3+'s;
@@ -466,13 +467,13 @@ def add_eval_rows(out: dict, table: Table) -> None:
         table.add("(d)", f"eval val_cache={mode}, images/s", fmt_spread(s, "", 1), cfg)
     if "ram_vs_off" in out:
         table.add("(d)", "cached ÷ uncached eval speed", fmt_spread(out["ram_vs_off"]), cfg)
+    else:
+        reason = out.get("unavailable_ram", "data.val_cache not available")
+        table.add("(d)", "cached vs uncached eval", f"unavailable ({reason})", cfg)
     if "cache_bound" in out:
         decode_ms = out["loader_build_s"]["ram"] / out["n_val"] * 1e3
         table.add("(d)", "  the most a cache can gain here", f"{out['cache_bound']:.2f}× (decode {decode_ms:.1f} ms "
                   f"+ cached eval {1e3 / out['images_per_s']['ram']['median']:.1f} ms an image)", "")
-    else:
-        reason = out.get("unavailable_ram", "data.val_cache not available")
-        table.add("(d)", "cached vs uncached eval", f"unavailable ({reason})", cfg)
     table.add("(d)", "val loader build (cache fill), s", ", ".join(f"{m} {t:.2f}" for m, t in
                                                                  out["loader_build_s"].items()), cfg)
     table.add("(d)", "eval wall ÷ model forward time", f"{out['wall_over_model']:.2f}×", cfg)

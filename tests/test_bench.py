@@ -230,3 +230,19 @@ def test_cache_bound_by_hand():
     # 3 ms to decode an image, 400 images/s (2.5 ms) evaluated from the cache: (3 + 2.5) / 2.5.
     assert bench.cache_bound(0.003, 400.0) == pytest.approx(2.2)
     assert bench.cache_bound(0.0, 50.0) == pytest.approx(1.0)  # nothing to decode: nothing to gain
+
+
+def test_eval_rows_say_why_a_ratio_is_missing_beside_the_cache_bound():
+    ips = {"median": 400.0, "min": 390.0, "max": 410.0, "n": 3}
+    base = {"config": "demo", "n_val": 10, "loader_build_s": {"ram": 0.03}, "wall_over_model": 1.1,
+            "cache_bound": 2.2}
+    without_off = bench.Table(record={})  # val_cache=off failed: the cache alone, no ratio
+    bench.add_eval_rows({**base, "images_per_s": {"ram": ips}, "unavailable_off": "KeyError: x"}, without_off)
+    quantities = [row[1] for row in without_off.rows]
+    assert "cached vs uncached eval" in quantities and "  the most a cache can gain here" in quantities
+    both = bench.Table(record={})
+    bench.add_eval_rows({**base, "images_per_s": {"ram": ips, "off": ips}, "ram_vs_off": ips}, both)
+    quantities = [row[1] for row in both.rows]
+    assert "cached ÷ uncached eval speed" in quantities and "cached vs uncached eval" not in quantities
+    [bound] = [row[2] for row in both.rows if row[1] == "  the most a cache can gain here"]
+    assert bound == "2.20× (decode 3.0 ms + cached eval 2.5 ms an image)"
