@@ -23,6 +23,9 @@ BACKBONES: dict[str, tuple[list[int], bool]] = {
 NET_ARCHS = ("fcn", "unet", "fpn", "encdec")  # deeplab_dropout.nets (model=fcn_resnet101 | unet | fpn_resnet101 |
                                                # course_fcn)
 ARCHS = ("deeplabv3plus", "torchvision_deeplabv3", *NET_ARCHS)
+# Architectures with an encoder of their own instead of a ResNet: no model.backbone, random init only, and each
+# encoder level is both a block and a stage (one resnet site per level).
+OWN_ENCODER_ARCHS = ("unet", "encdec")
 # The Table 2 parts (placement words) each architecture has regulariser sites for (README "Models and sites").
 ARCH_PARTS = {"deeplabv3plus": ("resnet", "spp", "decoder"), "torchvision_deeplabv3": (),
               "fcn": ("resnet", "decoder"), "unet": ("resnet", "spp", "decoder"), "fpn": ("resnet", "spp", "decoder"),
@@ -84,6 +87,17 @@ def _number(key: str, value, low: float, high: float | None = None, *, low_open=
         raise invalid(key, value, f"{kind} in {rng}")
 
 
+def _as_list(value):
+    """A config list as a plain list (to check and to show in a message); any other value as it is."""
+    return list(value) if OmegaConf.is_list(value) else value
+
+
+def _is_numbers(value, integer: bool = False) -> bool:
+    """Whether ``value`` is a plain list of numbers (integers if ``integer``); booleans are neither."""
+    kind = int if integer else int | float
+    return isinstance(value, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in value)
+
+
 def _check_bool(key: str, value) -> None:
     if not isinstance(value, bool):  # `in (True, False)` would let 1 and 0 through
         raise invalid(key, value, "true or false")
@@ -108,11 +122,9 @@ def _placement(cfg: DictConfig) -> None:
 
 def _multi_grid(m: DictConfig) -> None:
     """layer4's Multi-Grid: one positive integer per layer4 block (extra entries are unused)."""
-    grid = list(m.multi_grid) if OmegaConf.is_list(m.multi_grid) else m.multi_grid
+    grid = _as_list(m.multi_grid)
     blocks = BACKBONES[m.backbone][0][3]
-    ok = isinstance(grid, list) and len(grid) >= blocks and all(
-        isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
-    if not ok:
+    if not (_is_numbers(grid, integer=True) and len(grid) >= blocks and all(g >= 1 for g in grid)):
         raise invalid("model.multi_grid", grid, f"a list of at least {blocks} positive integers (one per layer4 "
                       f"block of {m.backbone}), e.g. [1, 2, 4]")
 
@@ -160,7 +172,7 @@ def _net(cfg: DictConfig) -> None:
     if m.arch != "fcn" and pl.spp and pl.spp_sites != "output":
         raise ConfigError(f"placement.spp_sites={pl.spp_sites} is invalid for model={m.name}: expected output "
                           f"(it has no ASPP branches)")
-    if m.arch in ("unet", "encdec") and pl.resnet and pl.resnet_sites not in ("blocks", "stages"):
+    if m.arch in OWN_ENCODER_ARCHS and pl.resnet and pl.resnet_sites not in ("blocks", "stages"):
         raise ConfigError(f"placement.resnet_sites={pl.resnet_sites} is invalid for model={m.name}: expected "
                           f"blocks or stages (both: after each encoder level)")
 
@@ -168,9 +180,8 @@ def _net(cfg: DictConfig) -> None:
 def _course_channels(channels) -> None:
     """The course encoder-decoder's widths: one per encoder block, 5 blocks (the placement stages 1..4 name
     blocks 1..4; the 5th block's output is the spp site)."""
-    widths = list(channels) if OmegaConf.is_list(channels) else channels
-    if not (isinstance(widths, list) and len(widths) == 5 and all(
-            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in widths)):
+    widths = _as_list(channels)
+    if not (_is_numbers(widths, integer=True) and len(widths) == 5 and all(c >= 1 for c in widths)):
         raise invalid("model.channels", widths, "a list of 5 positive integers (encoder widths), e.g. [32, 64, 128, "
                       "256, 512]")
 
@@ -178,11 +189,11 @@ def _course_channels(channels) -> None:
 def _model(cfg: DictConfig) -> None:
     m = cfg.model
     _one_of("model.arch", m.arch, ARCHS)
-    if m.arch not in ("unet", "encdec"):  # no ResNet in these (model.backbone: none)
+    if m.arch not in OWN_ENCODER_ARCHS:  # no ResNet in these (model.backbone: none)
         _one_of("model.backbone", m.backbone, BACKBONES)
     _one_of("model.output_stride", m.output_stride, OUTPUT_STRIDES)
     named = PRETRAINED[m.arch]
-    if m.arch in ("unet", "encdec") and m.pretrained not in named:
+    if m.arch in OWN_ENCODER_ARCHS and m.pretrained not in named:
         raise invalid("model.pretrained", m.pretrained, f"none (model.arch={m.arch} is trained from random init)")
     if m.pretrained not in named and not Path(str(m.pretrained)).expanduser().is_file():
         raise invalid("model.pretrained", m.pretrained, f"{', '.join(named)} or an existing file")
@@ -251,8 +262,7 @@ def _loss(cfg: DictConfig) -> None:
     w, k = lo.class_weights, cfg.model.num_classes
     if OmegaConf.is_list(w) or isinstance(w, list):
         w = list(w)
-        numbers = all(isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x < float("inf") for x in w)
-        if not (len(w) == k and numbers and any(x > 0 for x in w)):
+        if not (_is_numbers(w) and len(w) == k and all(0 <= x < float("inf") for x in w) and any(x > 0 for x in w)):
             raise invalid("loss.class_weights", w, f"{', '.join(CLASS_WEIGHTS)} or a list of model.num_classes={k} "
                           "finite numbers >= 0, at least one > 0")
     else:
@@ -293,9 +303,8 @@ def _optim(o: DictConfig) -> None:
     for key in ("momentum", "nesterov"):  # SGD's: with AdamW a value would be silently ignored
         if o[key] is not None:
             raise invalid(f"optim.{key}", o[key], f"null with optim.name={o.name} (AdamW's momentum is betas[0])")
-    betas = list(o.betas) if OmegaConf.is_list(o.betas) else o.betas
-    if not (isinstance(betas, list) and len(betas) == 2 and all(
-            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+    betas = _as_list(o.betas)
+    if not (_is_numbers(betas) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         raise invalid("optim.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
     _number("optim.eps", o.eps, 0, low_open=True)
 

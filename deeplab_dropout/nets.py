@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.ops import FeaturePyramidNetwork
 
-from deeplab_dropout.config import BACKBONES, NET_ARCHS, validate
+from deeplab_dropout.config import BACKBONES, NET_ARCHS, OWN_ENCODER_ARCHS, validate
 from deeplab_dropout.model import (
     ConvBNReLU,
     ResNetBackbone,
@@ -341,7 +341,7 @@ def _xavier_init(model: nn.Module) -> None:
 
 def _resnet_sites(cfg) -> list[str]:
     """The ResNet sites exactly as DeepLabv3+ has them (the same backbone module names)."""
-    if cfg.model.arch in ("unet", "encdec"):  # an encoder level is both a block and a stage
+    if cfg.model.arch in OWN_ENCODER_ARCHS:  # an encoder level is both a block and a stage
         return [f"backbone.levels.{s - 1}.drop" for s in sorted(int(s) for s in cfg.placement.resnet_stages)]
     as_deeplab = OmegaConf.merge(cfg, {"model": {"arch": "deeplabv3plus"},
                                        "placement": {"resnet": True, "spp": False, "decoder": False}})
@@ -356,7 +356,7 @@ def regularizer_sites(cfg) -> list[str]:
         return []
     sites = _resnet_sites(cfg) if pl.resnet else []
     if pl.spp:
-        single = arch in ("unet", "encdec")  # one context slot (bottleneck / bridge); FPN has one per level
+        single = arch in OWN_ENCODER_ARCHS  # one context slot (bottleneck / bridge); FPN has one per level
         sites += ["aspp.drop"] if single else [f"aspp.drops.{i}" for i in range(len(FPN_HEAD_CONVS))]
     if pl.decoder:
         if arch == "fcn":
