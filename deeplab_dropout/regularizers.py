@@ -75,6 +75,11 @@ class Regularizer(nn.Module):
         r = self.p_tensor.to(device=x.device, dtype=torch.float32)
         return r * self._rate_scale if self._rate_scale != 1.0 else r
 
+    def draw_rate(self, x: Tensor) -> float | Tensor:
+        """The rate masks are drawn at, p x rate_scale: compiled, the buffer's tensor (``rate``: the ramp does not
+        recompile); eager, the Python float (``bernoulli_`` draws the masks drawn before p became a tensor)."""
+        return self.rate(x) if torch.compiler.is_compiling() else self._p * self._rate_scale
+
     def _apply(self, fn, *args, **kwargs):
         # .half() / .to(bfloat16) convert float buffers; p must stay exact float32.
         super()._apply(fn, *args, **kwargs)
@@ -121,7 +126,7 @@ class ChannelDropout(Regularizer):
             return x
         _check_input(self, x, 2)
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        keep_prob = 1.0 - self.rate(x) if torch.compiler.is_compiling() else 1.0 - self._p * self._rate_scale
+        keep_prob = 1.0 - self.draw_rate(x)
         keep = bernoulli(shape, keep_prob, x.device)
         return _apply_factor(x, keep / keep_prob)
 
@@ -165,7 +170,7 @@ class DropBlock(Regularizer):
         """Seed probability rate / bs^2 * H*W / ((H-bs+1)(W-bs+1)), Ghiasi et al. eq. (1) with separate H and W,
         before clipping to 1; ``rate`` is p x rate_scale (a float by default; a tensor when compiled)."""
         bs = self.effective_block_size(height, width)
-        rate = self._p * self.rate_scale if rate is None else rate
+        rate = self._p * self._rate_scale if rate is None else rate
         return rate / bs**2 * (height * width) / ((height - bs + 1) * (width - bs + 1))
 
     def _seeds(self, shape: tuple[int, ...], gamma: float | Tensor, device: torch.device) -> Tensor:
@@ -179,10 +184,8 @@ class DropBlock(Regularizer):
             raise ValueError(f"DropBlock expects (N, C, H, W) input, got shape {tuple(x.shape)}")
         n, c, h, w = x.shape
         bs = self.effective_block_size(h, w)
-        if torch.compiler.is_compiling():
-            gamma = self.gamma(h, w, self.rate(x)).clamp(max=1.0)
-        else:
-            gamma = min(1.0, self.gamma(h, w))
+        gamma = self.gamma(h, w, self.draw_rate(x))
+        gamma = gamma.clamp(max=1.0) if isinstance(gamma, Tensor) else min(1.0, gamma)
         # Mask maths in float32: counts of ones in float16 overflow (torchvision's drop_block2d bug).
         keep = 1.0 - block_mask(self._seeds((n, c, h - bs + 1, w - bs + 1), gamma, x.device), bs)
         # clamp: an all-dropped mask gives zeros (0 * numel), not NaN.
