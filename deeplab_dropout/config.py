@@ -2,7 +2,7 @@
 
 Hydra already rejects unknown keys (struct mode) and unknown group options (listing the available ones);
 this checks the values inside the groups, once: the code that uses them trusts them. The allowed values
-live here, so this module imports no other part of the package (and no torch).
+live here (the study's vocabulary in deeplab_dropout.study), and this module imports no torch.
 """
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from deeplab_dropout.study import DROPOUT_NAMES, PLACEMENT_PARTS, SCHEDULES
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the apps' Hydra configs (train.yaml, eval.yaml)
 
 # Blocks per layer of each torchvision ResNet (and whether it uses Bottleneck blocks).
 BACKBONES: dict[str, tuple[list[int], bool]] = {
@@ -30,19 +34,15 @@ OWN_ENCODER_ARCHS = ("unet", "encdec")
 ARCH_PARTS = {"deeplabv3plus": ("resnet", "spp", "decoder"), "torchvision_deeplabv3": (),
               "fcn": ("resnet", "decoder"), "unet": ("resnet", "spp", "decoder"), "fpn": ("resnet", "spp", "decoder"),
               "encdec": ("resnet", "spp", "decoder")}
-PLACEMENT_PARTS = {"none": (), "resnet": ("resnet",), "spp": ("spp",), "decoder": ("decoder",),
-                   "upper": ("spp", "decoder"), "all": ("resnet", "spp", "decoder")}
 # Named weights per architecture (besides a file; the U-Net takes none: random init only).
 PRETRAINED = {"deeplabv3plus": ("imagenet", "none"), "torchvision_deeplabv3": ("coco_with_voc_labels", "none"),
               "fcn": ("imagenet", "coco_with_voc_labels", "none"), "unet": ("none",), "fpn": ("imagenet", "none"),
               "encdec": ("none",)}
 OUTPUT_STRIDES = (8, 16)
 POOL_NORMS = ("bn", "none")
-DROPOUT_NAMES = ("none", "channel", "dropblock", "uout")
 RESNET_SITES = ("blocks", "blocks_and_skips", "stages", "first_block")
 SPP_SITES = ("output", "branches")
 RESNET_STAGES = (1, 2, 3, 4)
-SCHEDULE_NAMES = ("constant", "linear")
 GRANULARITIES = ("iteration", "epoch")
 SPLIT_METHODS = ("per_class", "authors", "min_cover")
 YEARS = ("2007", "2012")  # data.year: reads VOCdevkit/VOC<year> (an int in conf/data; checked and used as str)
@@ -242,7 +242,7 @@ def _dropout_and_schedule(cfg: DictConfig) -> None:
     # 0 < scale <= 1: the DropBlock paper divides gamma by 4 in group 3 (0.25); 0 would silence the stage.
     _number("dropout.group3_gamma_scale", cfg.dropout.get("group3_gamma_scale", 1.0), 0, 1, low_open=True)
     s = cfg.schedule
-    _one_of("schedule.name", s.name, SCHEDULE_NAMES)
+    _one_of("schedule.name", s.name, SCHEDULES)
     _one_of("schedule.granularity", s.granularity, GRANULARITIES)
     _number("schedule.ramp_epochs", s.ramp_epochs, 0)
     # The ramp length alone decides the schedule (schedules.drop_p); the name must agree with it.

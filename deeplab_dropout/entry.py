@@ -85,7 +85,7 @@ def _or_none(compute: Callable[[], object]) -> object:
 
 def _same_run(data: dict, cfg: DictConfig) -> bool:
     """Whether results.json ``data`` is of this config's run (as resuming decides it)."""
-    from deeplab_dropout.results import check_resumable
+    from deeplab_dropout.saved_config import check_resumable
 
     try:
         check_resumable(data.get("config") or {}, OmegaConf.to_container(cfg, resolve=True), Path())

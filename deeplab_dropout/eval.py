@@ -19,13 +19,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from deeplab_dropout.config import ConfigError, one_line, validate
+from deeplab_dropout.config import CONF_DIR, ConfigError, one_line, validate
 from deeplab_dropout.data import get_val_dataset
 from deeplab_dropout.entry import run_app
 from deeplab_dropout.model import build_model, cell_name
 from deeplab_dropout.results import (
     BEST,
-    CONF_DIR,
     PER_IMAGE,
     RunResults,
     load_run_checkpoint,

@@ -24,18 +24,14 @@ from hydra.experimental.callback import Callback
 from deeplab_dropout.compare import BASELINE, CONSTANT, Records, ramp_better, strip_groups, vs_none
 from deeplab_dropout.config import one_line
 from deeplab_dropout.figures import SHEET_TYPES, draw_figures
-from deeplab_dropout.results import BEST, RESUME_FREE_KEYS, atomic_write, run_config, write_json
+from deeplab_dropout.results import BEST, atomic_write, write_json
+from deeplab_dropout.saved_config import REGULARISER_GROUPS, experiment_config, experiment_key
 from deeplab_dropout.stats import mean_ci
+from deeplab_dropout.study import UNREGULARISED
 
 TABLE2_ORDER = ["pretrained-base", "none"] + [
     f"{where}-{kind}" for kind in ("chandrop", "dropblock", "uout")
     for where in ("resnet", "spp", "decoder", "upper", "all")]
-# Cells without a regulariser: their dropout, placement and schedule groups change nothing computed.
-UNREGULARISED = ("none", "pretrained-base")
-REGULARISER_GROUPS = ("dropout", "placement", "schedule")
-# Keys (and key prefixes) that never tell two experiments apart: they don't change what is computed.
-IGNORED_KEYS = ("seed", *RESUME_FREE_KEYS, "trainer.tb_images", "trainer.tb_image_classes",
-                "trainer.keep_last", "data.download", "checkpoint", "hydra")
 # Column key in report.json -> the paper's column name (Table 3/4), then ours.
 COLUMNS = {"mean": "Mean mIoU", "std": "Std.", "min": "Worst mIoU", "median": "Med. mIoU", "max": "Best mIoU",
            "val_loss": "Loss", "miou": "mIoU (dataset)", "pixel_acc": "Pixel accuracy", "best_epoch": "Best epoch"}
@@ -53,17 +49,6 @@ MAX_LABEL_KEYS = 3  # a row label lists at most this many distinguishing keys (e
 
 def _under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def experiment_config(config: dict, cell: str) -> dict[str, Any]:
-    """The flat resolved config that defines a run's experiment (no seed, nor keys that change nothing)."""
-    ignored = IGNORED_KEYS + (REGULARISER_GROUPS if cell in UNREGULARISED else ())
-    return {k: v for k, v in sorted(run_config(config).items()) if not _under(k, ignored)}
-
-
-def experiment_key(config: dict, cell: str) -> str:
-    """One string per experiment: equal for runs that compute the same thing up to the seed."""
-    return f"{cell}|{json.dumps(experiment_config(config, cell), sort_keys=True)}"
 
 
 def _number(value: Any) -> bool:

@@ -20,34 +20,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import yaml
 
 from deeplab_dropout.config import ConfigError, one_line
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 LAST, BEST = Path("checkpoints/last.pt"), Path("checkpoints/best.pt")  # in the run dir
 PER_IMAGE = Path("per_image.npz")  # in the run dir, beside results.json
 PREDICTIONS = Path("predictions")  # in the run dir: <image id>/{image,truth,epoch_NNN}.png and index.json
-
-
-def _run_invariant_keys() -> tuple[str, ...]:
-    # Listed once, in conf/train.yaml, where Hydra leaves them out of sweep directory names.
-    train = yaml.safe_load((CONF_DIR / "train.yaml").read_text())
-    keys = train["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]
-    return tuple(k for k in keys if k != "experiment")  # a preset's name, not a key of the run's config
-
-
-# Config keys that may change when a run is resumed (and that the report ignores when it groups runs into
-# experiments, and sweep directory names leave out): they don't change what is computed.
-RESUME_FREE_KEYS = _run_invariant_keys()
 KILL_AT_ENV = "DEEPLAB_DROPOUT_KILL_AT"
-# Keys added after runs were already saved, with the value that computes what those runs computed (their
-# default; ADDED_COPIES: the key whose value the default copies). A saved config lacking one of them reads as if
-# it held that value, so an upgrade neither refuses to resume a run nor splits a report row.
-ADDED_KEYS = {"data.year": 2012, "data.augment.rotation_degrees": 0, "data.augment.repeats": 1,
-              "loss.class_weights": "none", "optim.schedule": "poly", "optim.eta_min": 0.0,
-              "trainer.early_stop_patience": None}
-ADDED_COPIES = {"optim.t_max_epochs": "trainer.epochs"}
 
 
 def kill_point(point: str, n: int) -> None:
@@ -398,37 +377,3 @@ def move_aside(run_dir: Path) -> Path | None:
     for p in old:
         shutil.move(str(p), aside / p.name)
     return aside
-
-
-def check_resumable(saved: dict, config: dict, checkpoint: Path) -> None:
-    """Refuse to continue a checkpoint made with another config (it would not be the same run); only the
-    RESUME_FREE_KEYS may differ. ``saved`` and ``config`` are resolved configs as plain dicts."""
-    old, new = run_config(saved), run_config(config)
-    for key in RESUME_FREE_KEYS:
-        old.pop(key, None)
-        new.pop(key, None)
-    absent = object()
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k, absent) != new.get(k, absent))
-    if diff:
-        first, more = diff[0], " and more" if len(diff) > 1 else ""
-        raise ConfigError(f"{checkpoint} was trained with a different config "
-                          f"({first}: {old.get(first)!r} -> {new.get(first)!r}{more}); "
-                          "use another hydra.run.dir (hydra.sweep.dir for -m) or delete that folder")
-
-
-def run_config(config: dict) -> dict:
-    """A run's resolved config, flattened, with each ADDED_KEYS key it lacks at the value it ran with."""
-    flat = flatten(config)
-    added = {**ADDED_KEYS, **{key: flat.get(source) for key, source in ADDED_COPIES.items()}}
-    return {**added, **flat}
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and empty dicts stay values."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

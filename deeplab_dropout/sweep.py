@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deeplab_dropout.config import one_line
 from deeplab_dropout.gpus import gpu_for_job
-from deeplab_dropout.report import experiment_key
+from deeplab_dropout.saved_config import experiment_key
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from deeplab_dropout.class_weights import class_weights
-from deeplab_dropout.config import ConfigError, one_line, validate
+from deeplab_dropout.config import CONF_DIR, ConfigError, one_line, validate
 from deeplab_dropout.data import VOCSegmentation, get_datasets
 from deeplab_dropout.data.cache import (
     CachedValLoader,
@@ -40,13 +40,11 @@ from deeplab_dropout.loss import Criterion, make_criterion, reduce_loss
 from deeplab_dropout.metrics import SegmentationMetrics
 from deeplab_dropout.model import build_model, cell_name, describe_sites
 from deeplab_dropout.results import (
-    CONF_DIR,
     LAST,
     PER_IMAGE,
     PREDICTIONS,
     BestWeights,
     RunResults,
-    check_resumable,
     kill_point,
     load_run_checkpoint,
     move_aside,
@@ -58,6 +56,7 @@ from deeplab_dropout.results import (
     write_prediction,
 )
 from deeplab_dropout.runtime import Runtime, resolve_device, resolve_workers, tune_malloc
+from deeplab_dropout.saved_config import check_resumable
 from deeplab_dropout.schedules import lr_at, scheduled_drop_p
 from deeplab_dropout.tb import TBLogger, best_and_worst, pick_tb_images, run_hparams, strip
 

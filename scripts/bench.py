@@ -44,7 +44,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch.utils.flop_counter import FlopCounterMode
 
-from deeplab_dropout.results import CONF_DIR  # the runner's own conf/
+from deeplab_dropout.config import CONF_DIR  # the runner's own conf/
 from deeplab_dropout.runtime import tune_malloc
 
 NOTE = ("Shared, noisy machine: only ratios measured within this one run mean anything; each ratio is the "

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from deeplab_dropout.results import CONF_DIR as _CONF
+from deeplab_dropout.config import CONF_DIR as _CONF
 
 CONF_DIR = str(_CONF)
 

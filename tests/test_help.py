@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deeplab_dropout.results import CONF_DIR
+from deeplab_dropout.config import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "----- next help -----"

@@ -17,8 +17,9 @@ import pytest
 from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from deeplab_dropout.report import TABLE2_ORDER, ReportCallback, experiment_key, load_runs, main, summarize
+from deeplab_dropout.report import TABLE2_ORDER, ReportCallback, load_runs, main, summarize
 from deeplab_dropout.results import write_json
+from deeplab_dropout.saved_config import experiment_key
 
 PAPER_COLUMNS = ["Experiment", "runs", "Mean mIoU", "Std.", "Worst mIoU", "Med. mIoU", "Best mIoU", "Loss",
                  "mIoU (dataset)", "Best epoch", "ΔmIoU vs none [95% CI]", "status"]

@@ -287,8 +287,7 @@ def test_a_run_saved_before_keys_were_added_resumes_and_shares_its_report_row(tm
     from omegaconf import OmegaConf
 
     from deeplab_dropout.config import ConfigError
-    from deeplab_dropout.report import experiment_key
-    from deeplab_dropout.results import ADDED_COPIES, ADDED_KEYS, check_resumable
+    from deeplab_dropout.saved_config import ADDED_COPIES, ADDED_KEYS, check_resumable, experiment_key
 
     def config(*overrides: str) -> dict:
         return OmegaConf.to_container(compose_cfg(list(overrides)), resolve=True)

@@ -82,7 +82,7 @@ def test_each_job_config_is_composed_once_for_the_sweeper_and_the_launcher(monke
     from hydra._internal.utils import create_config_search_path
     from omegaconf import OmegaConf
 
-    from deeplab_dropout.results import CONF_DIR
+    from deeplab_dropout.config import CONF_DIR
     from hydra_plugins.deeplab_dropout_sweeper.study_sweeper import ComposeOnceLoader
 
     calls = []

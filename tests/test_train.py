@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deeplab_dropout import train as train_mod
-from deeplab_dropout.results import RESUME_FREE_KEYS, load_checkpoint, read_per_image
+from deeplab_dropout.results import load_checkpoint, read_per_image
+from deeplab_dropout.saved_config import resume_free_keys
 from deeplab_dropout.train import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,8 +129,8 @@ def test_resume_free_keys_are_config_keys():
     # conf/train.yaml lists them once (sweep directory names leave them out); a typo there would make
     # resuming refuse a change it should allow, and the report split one experiment in two.
     cfg = compose_cfg([])
-    assert RESUME_FREE_KEYS and "experiment" not in RESUME_FREE_KEYS
-    assert all(OmegaConf.select(cfg, key, default="<absent>") != "<absent>" for key in RESUME_FREE_KEYS)
+    assert resume_free_keys() and "experiment" not in resume_free_keys()
+    assert all(OmegaConf.select(cfg, key, default="<absent>") != "<absent>" for key in resume_free_keys())
 
 
 def test_resume_after_interrupt_matches_uninterrupted(voc_root, tmp_path, monkeypatch):
