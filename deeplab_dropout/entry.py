@@ -97,8 +97,8 @@ def _same_run(data: dict, cfg: DictConfig) -> bool:
 def record_failure(path: Path, cfg: DictConfig, message: str) -> None:
     """Mark results.json at ``path`` failed with ``message``, writing a minimal one if set-up failed before
     there was one. A completed run's results.json is never touched."""
-    from deeplab_dropout.model import cell_name
     from deeplab_dropout.results import write_json
+    from deeplab_dropout.study import cell_name
 
     path = Path(path)
     if path.exists():

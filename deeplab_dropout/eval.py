@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from deeplab_dropout.config import CONF_DIR, ConfigError, one_line, validate
 from deeplab_dropout.data import get_val_dataset
 from deeplab_dropout.entry import run_app
-from deeplab_dropout.model import build_model, cell_name
+from deeplab_dropout.model import build_model
 from deeplab_dropout.results import (
     BEST,
     PER_IMAGE,
@@ -30,6 +30,7 @@ from deeplab_dropout.results import (
     load_run_checkpoint,
     write_per_image,
 )
+from deeplab_dropout.study import cell_name
 from deeplab_dropout.train import (
     INPUT_ERRORS,
     VAL_KEYS,

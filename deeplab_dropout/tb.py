@@ -17,7 +17,7 @@ from torch.utils.tensorboard.summary import hparams
 from deeplab_dropout.config import ConfigError
 from deeplab_dropout.data.split import class_presence
 from deeplab_dropout.data.voc import VOC_PALETTE
-from deeplab_dropout.model import cell_name, placement_name
+from deeplab_dropout.study import cell_name, placement_name
 
 # The metrics the HParams tab compares (Table 3's columns at the best epoch), each also written as a scalar
 # under the same tag. The tab shows only the first five by default: those are the paper's.

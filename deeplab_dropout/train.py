@@ -38,7 +38,7 @@ from deeplab_dropout.data.transforms import denormalize
 from deeplab_dropout.data.voc import DatasetError
 from deeplab_dropout.loss import Criterion, make_criterion, reduce_loss
 from deeplab_dropout.metrics import SegmentationMetrics
-from deeplab_dropout.model import build_model, cell_name, describe_sites
+from deeplab_dropout.model import build_model, describe_sites
 from deeplab_dropout.results import (
     LAST,
     PER_IMAGE,
@@ -58,6 +58,7 @@ from deeplab_dropout.results import (
 from deeplab_dropout.runtime import Runtime, resolve_device, resolve_workers, tune_malloc
 from deeplab_dropout.saved_config import check_resumable
 from deeplab_dropout.schedules import lr_at, scheduled_drop_p
+from deeplab_dropout.study import cell_name
 from deeplab_dropout.tb import TBLogger, best_and_worst, pick_tb_images, run_hparams, strip
 
 log = logging.getLogger("deeplab_dropout")

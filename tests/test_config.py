@@ -7,7 +7,7 @@ import pytest
 from conftest import CONF_DIR, compose_cfg
 
 from deeplab_dropout.config import ARCHS, ConfigError, validate
-from deeplab_dropout.model import cell_name
+from deeplab_dropout.study import cell_name
 
 PRESETS = sorted(f"{p.parent.name}={p.stem}" for p in Path(CONF_DIR).glob("*/*.yaml"))
 

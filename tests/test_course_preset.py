@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from test_train import run_cli
 
 from deeplab_dropout.config import validate
-from deeplab_dropout.model import cell_name
+from deeplab_dropout.study import cell_name
 
 RECIPES = sorted(p.stem for p in (Path(CONF_DIR) / "recipe").glob("*.yaml"))
 # Each row of the report's Table 5: the row it builds on and the keys (flattened) it changes, with their values.

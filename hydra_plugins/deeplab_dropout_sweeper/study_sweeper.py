@@ -59,7 +59,7 @@ class StudySweeper(BasicSweeper):
         super().setup(hydra_context=hydra_context, task_function=SweepTask(task_function), config=config)
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
-        from deeplab_dropout.model import cell_name  # torch: only once a sweep runs, not at plugin scan
+        from deeplab_dropout.study import cell_name
 
         batch = super().get_job_batch()
         identities = []
