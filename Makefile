@@ -21,7 +21,7 @@ lint: $(STAMP)
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing page fails.
 docs: $(STAMP)
-	$(PYTHON) -m mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --quiet
 
 # The whole suite (what CI runs): lint, the docs site, every test.
 test: lint docs

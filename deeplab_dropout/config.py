@@ -24,8 +24,9 @@ BACKBONES: dict[str, tuple[list[int], bool]] = {
     "resnet101": ([3, 4, 23, 3], True),
     "resnet152": ([3, 8, 36, 3], True),
 }
-NET_ARCHS = ("fcn", "unet", "fpn", "encdec")  # deeplab_dropout.nets (model=fcn_resnet101 | unet | fpn_resnet101 |
-                                               # course_fcn)
+# The other families (model=fcn_resnet101 | unet | fpn_resnet101 | course_fcn): deeplab_dropout.model.fcn, .unet,
+# .fpn and .course.
+NET_ARCHS = ("fcn", "unet", "fpn", "encdec")
 ARCHS = ("deeplabv3plus", "torchvision_deeplabv3", *NET_ARCHS)
 # Architectures with an encoder of their own instead of a ResNet: no model.backbone, random init only, and each
 # encoder level is both a block and a stage (one resnet site per level).
@@ -152,7 +153,7 @@ def _placement_exists(cfg: DictConfig) -> None:
 
 
 def _net(cfg: DictConfig) -> None:
-    """FCN, U-Net and FPN (deeplab_dropout.nets): their own keys and the sites they have."""
+    """FCN, U-Net, FPN and the course model (NET_ARCHS): their own keys and the sites they have."""
     m, pl = cfg.model, cfg.placement
     if m.arch == "fcn":
         _check_bool("model.freeze_backbone", m.freeze_backbone)
@@ -332,7 +333,7 @@ def _trainer(cfg: DictConfig) -> None:
     _one_of("trainer.progress", t.progress, ("auto", True, False))
     if not isinstance(t.compile_backend, str) or not t.compile_backend:
         raise invalid("trainer.compile_backend", t.compile_backend, "a torch.compile backend name, e.g. inductor")
-    for key in ("rerun", "keep_last", "compile", "tune_malloc"):
+    for key in ("rerun", "keep_last", "compile", "tune_malloc", "profile"):
         _check_bool(f"trainer.{key}", t[key])
     for key in ("max_train_steps", "max_val_images", "early_stop_patience"):
         if t[key] is not None:

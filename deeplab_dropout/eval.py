@@ -19,28 +19,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from deeplab_dropout.class_weights import class_weights
+from deeplab_dropout.cli import EXIT_INPUT, input_errors, run_app, run_job
 from deeplab_dropout.config import CONF_DIR, ConfigError, one_line, validate
 from deeplab_dropout.data import get_val_dataset
-from deeplab_dropout.entry import run_app
+from deeplab_dropout.data.loaders import make_val_loader
+from deeplab_dropout.engine import evaluate
+from deeplab_dropout.loss import make_criterion
 from deeplab_dropout.model import build_model
-from deeplab_dropout.results import (
-    BEST,
-    PER_IMAGE,
-    RunResults,
-    load_run_checkpoint,
-    write_per_image,
-)
+from deeplab_dropout.results import BEST, load_run_checkpoint
+from deeplab_dropout.rundir import RunDir, RunResults
+from deeplab_dropout.runtime import Runtime, resolve_device
 from deeplab_dropout.study import cell_name
-from deeplab_dropout.train import (
-    INPUT_ERRORS,
-    VAL_KEYS,
-    InputError,
-    Runtime,
-    evaluate,
-    exit_on_input_error,
-    make_val_loader,
-    resolve_device,
-)
 
 log = logging.getLogger("deeplab_dropout")
 GROUPS = ("model", "data", "dropout", "placement", "schedule", "loss", "optim", "trainer")
@@ -84,7 +74,7 @@ def eval_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict
 
 def load_eval_model(cfg: DictConfig, saved: dict | None, runtime: Runtime) -> torch.nn.Module:
     """The configured model, with the checkpoint's weights if there is one, on the device."""
-    model = build_model(cfg)
+    model = build_model(cfg, validate=False)
     if saved is not None:
         try:
             model.load_state_dict(saved["model"])
@@ -94,33 +84,35 @@ def load_eval_model(cfg: DictConfig, saved: dict | None, runtime: Runtime) -> to
     return runtime.prepare(model)
 
 
-def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """Evaluate as configured; returns the history entry written to ``run_dir/results.json`` (and writes the
-    per-image counts to ``run_dir/per_image.npz``)."""
-    try:
+def run_eval(cfg: DictConfig, run_dir: RunDir | Path, overrides: list[str] | None = None) -> dict:
+    """Evaluate as configured; returns the history entry written to the run dir's results.json (and writes
+    the per-image counts to its per_image.npz)."""
+    run_dir = RunDir.of(run_dir)
+    with input_errors():
         cfg, saved = eval_config(cfg, list(overrides or []))
         validate(cfg)
         runtime = resolve_device(cfg)
         loader = make_val_loader(cfg, get_val_dataset(cfg.data), runtime)
         model = load_eval_model(cfg, saved, runtime)
-    except INPUT_ERRORS as e:
-        raise InputError(one_line(e)) from e
+        # The loss the run trained with: its class weights come from the training split.
+        criterion = make_criterion(cfg, runtime.device, class_weights(cfg))
 
     cell = saved["cell"] if saved is not None else cell_name(cfg)
     log.info("evaluating %s (%s) on %d val images (%s crop)", cfg.checkpoint or cfg.model.name, cell,
              len(loader.dataset), cfg.data.val_crop)
-    results = RunResults(run_dir / "results.json", cell=cell, config=OmegaConf.to_container(cfg, resolve=True),
+    results = RunResults(run_dir.results, cell=cell, config=OmegaConf.to_container(cfg, resolve=True),
                          split=saved.get("split") if saved is not None else None, monitor=cfg.trainer.monitor)
     if saved is not None:
         results.data["checkpoint"] = {"path": str(cfg.checkpoint), "epoch": saved["epoch"]}
     results.write()
     t0 = time.perf_counter()
     try:
-        ev = evaluate(model, loader, cfg, runtime, progress=sys.stderr.isatty())
-        entry = {"epoch": 1, "train_loss": None, **{k: ev[k] for k in VAL_KEYS}, "lr": None, "drop_p": None,
+        ev = evaluate(model, loader, runtime, criterion, num_classes=cfg.model.num_classes,
+                      ignore_index=cfg.data.ignore_index, max_images=cfg.trainer.max_val_images,
+                      progress=sys.stderr.isatty())
+        entry = {"epoch": 1, "train_loss": None, **ev.metrics, "lr": None, "drop_p": None,
                  "seconds": time.perf_counter() - t0}
-        counts = ev["image_counts"]
-        write_per_image(run_dir / PER_IMAGE, loader.dataset.ids[:counts.shape[0]], counts.numpy(), 1)
+        run_dir.write_per_image(loader.dataset.ids[:ev.image_counts.shape[0]], ev.image_counts.numpy(), 1)
         results.add_epoch(entry)
     except BaseException as e:
         results.finish("failed", error=f"{type(e).__name__}: {e}")
@@ -138,9 +130,9 @@ def app(cfg: DictConfig) -> None:
     if _positional:
         if cfg.checkpoint is not None:
             print(f"error: give the checkpoint once: {_positional[0]} or checkpoint=...", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_INPUT)
         cfg.checkpoint = _positional[0]
-    exit_on_input_error(lambda c, d: run_eval(c, d, overrides), cfg)
+    run_job(lambda c, d: run_eval(c, d, overrides), cfg)
 
 
 def is_path_argument(arg: str) -> bool:

@@ -41,7 +41,8 @@ def pixel_loss_sum(logits: Tensor, target: Tensor, ignore_index: int = 255, weig
 def reduce_loss(loss_sum: Tensor | float, n_pixels: float, batch_size: int, loss_cfg) -> Tensor | float:
     """The configured loss from a pixel sum and its weight sum ``n_pixels`` (the valid pixel count when
     unweighted): the weighted mean over valid pixels, divided once more by the batch size when
-    ``loss.batch_average`` (the authors' code), else the plain mean."""
+    ``loss_cfg.batch_average`` (the authors' code), else the plain mean (``loss_cfg``: the loss group or a
+    Criterion)."""
     mean = loss_sum / n_pixels if n_pixels > 0 else loss_sum * 0.0
     return mean / batch_size if loss_cfg.batch_average else mean
 
@@ -49,14 +50,21 @@ def reduce_loss(loss_sum: Tensor | float, n_pixels: float, batch_size: int, loss
 @dataclass(frozen=True, eq=False)
 class Criterion:
     """The configured per-pixel loss: ``criterion(logits, target)`` -> (loss sum, weight sum) as
-    ``pixel_loss_sum``; ``weight`` already holds loss.alpha and lives on the model's device."""
+    ``pixel_loss_sum``; ``weight`` already holds loss.alpha and lives on the model's device. ``reduce`` turns
+    sums into the configured loss (loss.batch_average over ``batch_size``, trainer.batch_size)."""
 
     ignore_index: int = 255
     weight: Tensor | None = None
     gamma: float = 0.0
+    batch_average: bool = True
+    batch_size: int = 1
 
     def __call__(self, logits: Tensor, target: Tensor) -> tuple[Tensor, float]:
         return pixel_loss_sum(logits, target, self.ignore_index, self.weight, self.gamma)
+
+    def reduce(self, loss_sum: Tensor | float, n_pixels: float, batch_size: int | None = None) -> Tensor | float:
+        """``reduce_loss`` of a loss sum and its weight sum, over ``batch_size`` (default: the configured one)."""
+        return reduce_loss(loss_sum, n_pixels, batch_size or self.batch_size, self)
 
 
 def make_criterion(cfg, device: torch.device | str, class_weights: list[float] | None = None) -> Criterion:
@@ -66,10 +74,11 @@ def make_criterion(cfg, device: torch.device | str, class_weights: list[float] |
     loss_cfg, k = cfg.loss, int(cfg.model.num_classes)
     gamma = float(loss_cfg.gamma) if loss_cfg.name == "focal" else 0.0
     alpha = loss_cfg.get("alpha") if loss_cfg.name == "focal" else None
+    reduction = {"batch_average": bool(loss_cfg.batch_average), "batch_size": int(cfg.trainer.batch_size)}
     if class_weights is None and alpha is None:
-        return Criterion(int(cfg.data.ignore_index), None, gamma)
+        return Criterion(int(cfg.data.ignore_index), None, gamma, **reduction)
     weight = torch.ones(k, dtype=torch.float64) if class_weights is None else torch.tensor(class_weights,
                                                                                             dtype=torch.float64)
     if alpha is not None:
         weight = weight * torch.tensor([1 - float(alpha)] + [float(alpha)] * (k - 1), dtype=torch.float64)
-    return Criterion(int(cfg.data.ignore_index), weight.to(device, torch.float32), gamma)
+    return Criterion(int(cfg.data.ignore_index), weight.to(device, torch.float32), gamma, **reduction)

@@ -1,4 +1,5 @@
-"""The three regularisers of the study as standalone modules: SpatialDropout, DropBlock and UOut.
+"""The three regularisers of the study as standalone modules (SpatialDropout, DropBlock and UOut), and their
+placement into a model's empty ``nn.Identity`` slots (the model package names the sites).
 
 Each works on (N, C, H, W) activations of any CNN, is the identity in eval mode and at p = 0, keeps the
 input's dtype and memory format, and draws from torch's global RNG (so ``torch.manual_seed`` fixes it).
@@ -7,11 +8,15 @@ recompiling; eager, it draws with ``bernoulli_`` at the Python float p.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Regularizer", "ChannelDropout", "DropBlock", "UOut", "block_mask", "make_regularizer", "set_drop_p"]
+__all__ = ["Regularizer", "ChannelDropout", "DropBlock", "UOut", "block_mask", "make_regularizer", "set_drop_p",
+           "find_regularizers", "place_regularizers", "in_group3", "regularize", "describe_sites"]
 
 
 class Regularizer(nn.Module):
@@ -227,7 +232,7 @@ def set_drop_p(model: nn.Module, p: float) -> None:
 
 def make_regularizer(dropout_cfg, rate_scale: float = 1.0) -> Regularizer | None:
     """One regulariser from the validated ``dropout`` config group (name, p, block_size, uout_shared); None
-    for 'none'. ``rate_scale``: see Regularizer (model.py passes dropout.group3_gamma_scale in layer3)."""
+    for 'none'. ``rate_scale``: see Regularizer (``regularize`` passes dropout.group3_gamma_scale in layer3)."""
     name = dropout_cfg.name
     if name == "none":
         return None
@@ -237,3 +242,55 @@ def make_regularizer(dropout_cfg, rate_scale: float = 1.0) -> Regularizer | None
     if name == "dropblock":
         return DropBlock(p, block_size=int(dropout_cfg.block_size), rate_scale=rate_scale)
     return UOut(p, shared=bool(dropout_cfg.get("uout_shared", False)), rate_scale=rate_scale)
+
+
+# --- placement --------------------------------------------------------------------------------------------
+
+def find_regularizers(model: nn.Module) -> dict[str, Regularizer]:
+    """The regularisers inside ``model`` by qualified module name, in forward (registration) order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Regularizer)}
+
+
+def place_regularizers(model: nn.Module, sites: list[str], factory: Callable[[], nn.Module]) -> None:
+    """Fill each named slot with a fresh regulariser from ``factory``; the slot must exist and be empty."""
+    for site in sites:
+        parent_name, _, leaf = site.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if not isinstance(dict(parent.named_children()).get(leaf), nn.Identity):
+            raise ValueError(f"{site} is not an empty regulariser slot of {type(model).__name__}")
+        setattr(parent, leaf, factory())
+
+
+def in_group3(site: str) -> bool:
+    """Whether a site lies in ResNet group 3 (torchvision's layer3, or right after it): the sites the
+    DropBlock paper gave a 4x smaller gamma."""
+    return any(part in ("layer3", "layer3_drop") for part in site.split("."))
+
+
+def regularize(model: nn.Module, dropout_cfg, sites: list[str]) -> None:
+    """Place the ``dropout`` config group's regulariser at every site (deeplab_dropout.model.regularizer_sites),
+    those in ResNet group 3 with dropout.group3_gamma_scale as their ``rate_scale`` (the DropBlock paper's
+    smaller gamma there)."""
+    # .get: configs saved before the key existed (resumed runs, eval of old checkpoints) mean 1.0
+    scale = float(dropout_cfg.get("group3_gamma_scale", 1.0))
+    for site in sites:
+        place_regularizers(model, [site], partial(make_regularizer, dropout_cfg, scale if in_group3(site) else 1.0))
+
+
+def describe_sites(model: nn.Module) -> str:
+    """One-line summary of the placed regularisers per part (backbone, aspp, decoder), for start-up logging."""
+    regs = find_regularizers(model)
+    if not regs:
+        return "none placed"
+    parts = []
+    for part in ("backbone", "aspp", "decoder"):
+        names = [n for n in regs if n.startswith(part + ".")]
+        if not names:
+            continue
+        kinds = sorted({repr(regs[n]) for n in names})
+        kind = kinds[0] if len(kinds) == 1 else "(" + ", ".join(kinds) + ")"
+        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+        skips = sum(n.endswith(".skip_drop") for n in names)
+        shown += f"; {skips} on skip paths" if skips else ""
+        parts.append(f"{part}: {len(names)} x {kind} [{shown}]")
+    return "; ".join(parts)

@@ -1,5 +1,5 @@
-"""The one place that writes what a run leaves: results.json, per_image.npz, the predictions/ PNGs and
-checkpoints, all atomically, and that decides whether a checkpoint may be resumed.
+"""The file formats a run leaves, each written atomically: JSON (NaN as null), the per-image record
+(per_image.npz), label-map and RGB PNGs, and checkpoints (loaded with ``weights_only=True``).
 
 torch and PIL are imported only by the functions that need them, so the data tools can write JSON through
 here cheaply.
@@ -9,12 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import signal
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,16 +21,6 @@ from deeplab_dropout.config import ConfigError, one_line
 LAST, BEST = Path("checkpoints/last.pt"), Path("checkpoints/best.pt")  # in the run dir
 PER_IMAGE = Path("per_image.npz")  # in the run dir, beside results.json
 PREDICTIONS = Path("predictions")  # in the run dir: <image id>/{image,truth,epoch_NNN}.png and index.json
-KILL_AT_ENV = "DEEPLAB_DROPOUT_KILL_AT"
-
-
-def kill_point(point: str, n: int) -> None:
-    """Test hook: SIGKILL this process here if $DEEPLAB_DROPOUT_KILL_AT is ``point:n``, so tests can kill a run
-    at an exact moment: ``step:N`` before training iteration N (1-based, as results.json's ``iteration``),
-    ``eval:E`` as evaluation of epoch E starts, ``ckpt:E`` in the write of epoch E's last.pt, after the temp
-    file is written and before it is renamed over last.pt. Unset (always, outside tests) it does nothing."""
-    if os.environ.get(KILL_AT_ENV) == f"{point}:{n}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @cache
@@ -45,7 +30,7 @@ def _umask() -> int:
     return old
 
 
-def atomic_write(path: Path, write, before_rename: Callable[[], None] | None = None, durable: bool = False) -> None:
+def atomic_write(path: Path, write, durable: bool = False) -> None:
     """Call ``write(file_object)`` on a temp file beside ``path``, then rename over it (no torn files: a killed
     process leaves the old file or the new one). ``durable``: fsync before the rename, so that the file also
     survives a power loss (checkpoints, which a resume rebuilds everything else from). The file gets the usual
@@ -59,8 +44,6 @@ def atomic_write(path: Path, write, before_rename: Callable[[], None] | None = N
             if durable:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
-        if before_rename is not None:
-            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -163,107 +146,11 @@ def prediction_png(run_dir: Path, image_id: str, epoch: int) -> Path:
     return Path(run_dir) / PREDICTIONS / image_id / f"epoch_{epoch:03d}.png"
 
 
-def write_prediction(run_dir: Path, image_id: str, epoch: int, image, truth, pred) -> None:
-    """Save one val image's prediction at ``epoch``; its image.png and truth.png the first time only."""
-    folder = Path(run_dir) / PREDICTIONS / image_id
-    if not (folder / "image.png").exists():
-        write_rgb_png(folder / "image.png", image)
-    if not (folder / "truth.png").exists():
-        write_label_png(folder / "truth.png", truth)
-    write_label_png(prediction_png(run_dir, image_id, epoch), pred)
-
-
-class RunResults:
-    """results.json of one run: status, cell, resolved config, split record, per-epoch history and best."""
-
-    def __init__(self, path: Path, *, cell: str, config: dict, split: dict, monitor: str = "miou") -> None:
-        self.path = Path(path)
-        self.monitor = monitor
-        self.data: dict[str, Any] = {
-            "status": "running",
-            "cell": cell,
-            "config": config,
-            "split": split,
-            "best_epoch": None,
-            "best": None,
-            "history": [],
-        }
-
-    @staticmethod
-    def monitor_value(entry: dict, monitor: str) -> float:
-        """The value of ``monitor`` in a history entry (``per_image_miou_mean`` reads the nested dict)."""
-        if monitor == "per_image_miou_mean":
-            return entry["per_image_miou"]["mean"]
-        return entry[monitor]
-
-    def best_value(self) -> float:
-        """The monitored value at the best epoch (NaN before any evaluation)."""
-        best = self.data["best"]
-        return math.nan if best is None else self.monitor_value(best, self.monitor)
-
-    @property
-    def history(self) -> list[dict]:
-        return self.data["history"]
-
-    def restore(self, history: list[dict]) -> None:
-        """Take the history of a resumed run (from its checkpoint) and recompute the best epoch."""
-        self.data["history"] = []
-        self.data["best_epoch"] = self.data["best"] = None
-        for entry in history:
-            self.add_epoch(entry, write=False)
-
-    def add_epoch(self, entry: dict, write: bool = True) -> bool:
-        """Append one epoch's entry; returns True if it is the new best. Rewrites the file."""
-        self.history.append(entry)
-        value = self.monitor_value(entry, self.monitor) if "miou" in entry else None
-        best = self.data["best"]
-        is_best = value is not None and not math.isnan(value) and (
-            best is None or value > self.monitor_value(best, self.monitor))
-        if is_best:
-            self.data["best_epoch"] = entry["epoch"]
-            self.data["best"] = entry
-        if write:
-            self.write()
-        return is_best
-
-    def finish(self, status: str, error: str | None = None, stopped_epoch: int | None = None) -> None:
-        """Mark the run ``completed`` or ``failed`` (with the error message) and write. A completed run records
-        whether early stopping ended it and after which epoch (``stopped_epoch``; None: it ran every epoch)."""
-        self.data["status"] = status
-        if error is not None:
-            self.data["error"] = error
-        if status == "completed":
-            self.data.update(stopped_early=stopped_epoch is not None, stopped_epoch=stopped_epoch)
-        self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.write()
-
-    def should_stop(self, patience: int | None) -> bool:
-        """Early stopping: True once ``patience`` evaluated epochs follow the best epoch (none beat it: a tie is
-        no new best); None never stops. It reads only the history, so a resumed run decides the same way."""
-        if patience is None:
-            return False
-        best = self.data["best_epoch"] or 0  # no best yet (all NaN): every evaluated epoch counts
-        return sum("miou" in e and e["epoch"] > best for e in self.history) >= patience
-
-    def write(self) -> None:
-        write_json(self.path, self.data)
-
-    @classmethod
-    def read(cls, path: Path, monitor: str = "miou") -> RunResults:
-        """The results.json at ``path`` as written by ``write`` (an unreadable file is ConfigError)."""
-        results = cls(path, cell="", config={}, split={}, monitor=monitor)
-        try:
-            results.data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read {path}: {one_line(e)}") from e
-        return results
-
-
-def save_checkpoint(path: Path, state: dict, before_rename: Callable[[], None] | None = None) -> None:
+def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save ``state`` atomically (temp file + rename): a crash never leaves a half-written .pt."""
     import torch
 
-    atomic_write(Path(path), lambda f: torch.save(state, f), before_rename, durable=True)
+    atomic_write(Path(path), lambda f: torch.save(state, f), durable=True)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -290,90 +177,3 @@ def load_run_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config", 
     return saved
 
 
-def save_checkpoints(run_dir: Path, results: RunResults, training: dict | None, best: BestWeights | None) -> None:
-    """At a checkpoint: LAST from ``training`` (its state dicts with the history and config: all that resuming
-    needs; None: no LAST this time) and BEST from ``best`` (the weights of the best epoch so far, kept since it
-    happened; None: unchanged since the last BEST).
-
-    A BEST of an earlier epoch goes first: LAST's history names that epoch as the best, so a kill between the
-    two must not leave LAST ahead of it. A BEST of this very epoch goes after LAST: a kill between them leaves
-    a LAST whose history names the new best, from which ``repair_best`` rewrites BEST on resume."""
-    epoch = results.history[-1]["epoch"]
-    if best is not None and best.epoch < epoch:
-        save_best(run_dir, best)
-    if training is not None:
-        save_checkpoint(run_dir / LAST, {**training, **_run_record(results), "history": results.history},
-                        before_rename=lambda: kill_point("ckpt", epoch))
-    if best is not None and best.epoch == epoch:
-        save_best(run_dir, best)
-
-
-def _run_record(results: RunResults, epoch: int | None = None) -> dict:
-    data = results.data
-    return {"epoch": results.history[-1]["epoch"] if epoch is None else epoch, "config": data["config"],
-            "cell": data["cell"], "split": data["split"]}
-
-
-@dataclass
-class BestWeights:
-    """The best epoch's weights (a CPU copy, taken when it happened) and its BEST record, waiting for the next
-    checkpoint: between checkpoints (trainer.checkpoint_every) a new best costs a copy in RAM, not a file."""
-
-    epoch: int
-    record: dict  # BEST's keys besides the weights: epoch, config, cell, split, metrics
-
-    @classmethod
-    def of(cls, results: RunResults, model_state: dict, superseded: BestWeights | None = None) -> BestWeights:
-        """The weights ``model_state`` of the last epoch in ``results`` (its new best), copied to the CPU, into
-        the tensors of ``superseded`` (an earlier best still waiting, never to be written) where they fit:
-        a copy without new memory to allocate and fault in."""
-        record = {**_run_record(results), "metrics": results.data["best"]}
-        old = superseded.record["model"] if superseded is not None else {}
-        weights = {}
-        for key, value in model_state.items():
-            value, into = value.detach(), old.get(key)
-            fits = into is not None and into.shape == value.shape and into.dtype == value.dtype
-            weights[key] = into.copy_(value) if fits else value.to("cpu", copy=True)
-        return cls(record["epoch"], {"model": weights, **record})
-
-
-def save_best(run_dir: Path, best: BestWeights) -> None:
-    """BEST: the best epoch's weights with its config, split and metrics."""
-    save_checkpoint(run_dir / BEST, best.record)
-
-
-def repair_best(run_dir: Path, results: RunResults, saved: dict) -> None:
-    """On resume from ``saved`` (LAST, its history already in ``results``): make BEST agree with that history.
-    A kill between LAST's and BEST's writes left BEST one best behind; rewrite it from LAST's weights."""
-    best_epoch = results.data["best_epoch"]
-    if best_epoch is None or best_epoch != saved["epoch"]:
-        return
-    best = run_dir / BEST
-    if not best.exists() or load_checkpoint(best)["epoch"] != best_epoch:
-        save_best(run_dir, BestWeights(best_epoch, {"model": saved["model"], **_run_record(results, best_epoch),
-                                                    "metrics": results.data["best"]}))
-
-
-def remove_temp_files(run_dir: Path) -> None:
-    """Delete the temp files killed writes left in the run dir, its checkpoints/ and predictions/ (never a
-    finished file)."""
-    folders = [run_dir, run_dir / LAST.parent, run_dir / PREDICTIONS, *(run_dir / PREDICTIONS).glob("*/")]
-    for folder in folders:
-        for tmp in folder.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-
-
-def move_aside(run_dir: Path) -> Path | None:
-    """Move what an earlier run left in ``run_dir`` into ``<run_dir>.old-<time>/`` beside it (kept, never
-    deleted); Hydra's ``.hydra/`` and log, already rewritten for this launch, stay. Returns the new folder."""
-    old = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"] if run_dir.is_dir() else []
-    if not old:
-        return None
-    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while aside.exists():
-        aside, n = aside.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
-    aside.mkdir(parents=True)
-    for p in old:
-        shutil.move(str(p), aside / p.name)
-    return aside

@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf
 
+from deeplab_dropout.cli import InputError
 from deeplab_dropout.config import one_line
 from deeplab_dropout.gpus import gpu_for_job
 from deeplab_dropout.saved_config import experiment_key
@@ -75,9 +76,9 @@ def failure(job: JobReturn) -> str | None:
     name = (OmegaConf.select(job.hydra_cfg, "hydra.job.override_dirname") if job.hydra_cfg is not None
             else None) or ",".join(job.overrides or []) or "(no overrides)"
     error = job._return_value  # the exception; `return_value` would raise it
-    # Bad input (train.InputError, by name: under `python -m` its class lives in __main__, and config and
-    # data errors are ValueErrors) says all in one line; anything else keeps its traceback.
-    expected = isinstance(error, ValueError) or any(c.__name__ == "InputError" for c in type(error).__mro__)
+    # Bad input (InputError; config and data errors are ValueErrors) says all in one line; anything else
+    # keeps its traceback.
+    expected = isinstance(error, InputError | ValueError)
     log.error("run %s failed: %s", name, one_line(error), exc_info=None if expected else error)
     return f"{name}: {one_line(error)}"
 

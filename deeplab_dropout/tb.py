@@ -1,11 +1,13 @@
-"""TensorBoard logging for a run, into the run directory itself (so ``tensorboard --logdir SWEEP`` names runs
-by their sweep folder): HParams, each epoch's scalars, and captioned image | truth | prediction strips in the
-VOC palette (fixed val images, and the best and worst one at each new best epoch)."""
+"""All TensorBoard output of a run, into the run directory itself (so ``tensorboard --logdir SWEEP`` names
+runs by their sweep folder): HParams, each epoch's scalars, and the image views: captioned image | truth |
+prediction strips in the VOC palette (fixed val images, and the best and worst one at each new best epoch),
+saved as PNGs under predictions/ too."""
 from __future__ import annotations
 
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,14 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from deeplab_dropout.config import ConfigError
+from deeplab_dropout.data.cache import CachedValLoader
 from deeplab_dropout.data.split import class_presence
+from deeplab_dropout.data.transforms import denormalize
 from deeplab_dropout.data.voc import VOC_PALETTE
+from deeplab_dropout.engine import Evaluation, labels
+from deeplab_dropout.metrics import SegmentationMetrics
+from deeplab_dropout.rundir import RunDir
+from deeplab_dropout.runtime import Runtime
 from deeplab_dropout.study import cell_name, placement_name
 
 # The metrics the HParams tab compares (Table 3's columns at the best epoch), each also written as a scalar
@@ -24,6 +32,7 @@ from deeplab_dropout.study import cell_name, placement_name
 HPARAM_METRICS = ("hparams/best_miou", "hparams/best_per_image_miou_mean", "hparams/best_per_image_miou_min",
                   "hparams/best_per_image_miou_median", "hparams/best_per_image_miou_max",
                   "hparams/best_per_image_miou_std", "hparams/best_val_loss", "hparams/best_epoch")
+KEEP_ALL_BYTES = 64 * 2**20  # uint8 label maps kept from an evaluation, at most
 CAPTION_HEIGHT = 14  # pixels of the title band above each strip (PIL's default font is ~11 high)
 
 
@@ -160,3 +169,81 @@ class TBLogger:
     def close(self) -> None:
         """Flush and close the event file."""
         self.writer.close()
+
+
+# A dataclass, not a NamedTuple: under `python -m` a module is __main__, and launchers that cloudpickle the task
+# (submitit) pickle its classes by value, which fails for NamedTuples on Python 3.11.
+@dataclass(frozen=True)
+class View:
+    """One val image as saved and shown: id, uint8 (3, H, W) image, label map and the model's prediction."""
+
+    id: str
+    image: torch.Tensor
+    target: torch.Tensor
+    pred: torch.Tensor
+
+
+class ImageViews:
+    """The val images a run shows at each evaluated epoch, as PNGs under predictions/ and captioned strips in
+    TensorBoard: the fixed ones (``fixed``: val indices), and at a new best epoch its best and worst image."""
+
+    def __init__(self, tb: TBLogger, run_dir: RunDir, val_ds, val_loader, data_cfg, num_classes: int,
+                 fixed: list[int]) -> None:
+        self.tb, self.run_dir, self.val_ds, self.val_loader = tb, run_dir, val_ds, val_loader
+        self.data_cfg, self.num_classes, self.fixed = data_cfg, num_classes, fixed
+
+    def kept(self) -> tuple[int, ...] | None:
+        """The val images whose predictions evaluate should keep: all of them (no second forward for the best
+        and worst image) when they take at most KEEP_ALL_BYTES, else only the fixed ones (None: all)."""
+        d = self.data_cfg
+        if d.val_crop == "center" and len(self.val_ds) * d.crop_size ** 2 <= KEEP_ALL_BYTES:
+            return None
+        return tuple(self.fixed)
+
+    @torch.inference_mode()
+    def predict(self, model: torch.nn.Module, runtime: Runtime, index: int, pred: torch.Tensor | None) -> View:
+        """Val image ``index`` with its prediction ``pred`` (kept by evaluate), else through the model once
+        (eval mode, evaluation's precision)."""
+        if isinstance(self.val_loader, CachedValLoader):
+            image, target = self.val_loader.item(index)  # already uint8: no decode, no de-normalising
+            batch = self.val_loader.normalize(image[None])
+            target = target.long()
+        else:
+            normalised, target = self.val_ds[index]
+            image, batch = denormalize(normalised, self.data_cfg), normalised[None].to(runtime.device)
+        if pred is None:
+            model.eval()
+            with runtime.eval_autocast():
+                pred = labels(model(batch))[0]
+        return View(self.val_ds.ids[index], image, target, pred.to("cpu", torch.int64))
+
+    def show(self, tag: str, view: View, epoch: int, miou: float) -> None:
+        """Save ``view``'s prediction at ``epoch`` under predictions/ and log its captioned strip as ``tag``."""
+        self.run_dir.write_prediction(view.id, epoch, view.image, view.target, view.pred)
+        titles = (view.id, "ground truth", f"prediction · mIoU {miou:.3f} · epoch {epoch}")
+        self.tb.image(tag, strip(view.image, view.target, view.pred, titles=titles), epoch)
+
+    def view_miou(self, view: View, index: int, ev: Evaluation) -> float:
+        """The per-image mIoU of ``view``'s prediction of val image ``index`` (NaN without valid pixels):
+        evaluate's own number when it kept that prediction, else scored here."""
+        if index in ev.preds:
+            return ev.image_miou[index]
+        metrics = SegmentationMetrics(self.num_classes, self.data_cfg.ignore_index)
+        metrics.update(view.pred, view.target)
+        return metrics.image_miou[0].item()
+
+    def record(self, model: torch.nn.Module, runtime: Runtime, epoch: int, ev: Evaluation, is_best: bool) -> None:
+        """The fixed images' predictions at evaluated epoch ``epoch`` (1-based); at a new best epoch also the
+        best and worst image's, and predictions/index.json."""
+        fixed = {i: self.predict(model, runtime, i, ev.preds.get(i)) for i in self.fixed}
+        for i, view in fixed.items():
+            self.show(f"val_images/{view.id}", view, epoch, self.view_miou(view, i, ev))
+        if not is_best:
+            return
+        index = {"fixed": [v.id for v in fixed.values()], "best_epoch": epoch}
+        for name, i in zip(("best", "worst"), best_and_worst(ev.image_miou), strict=True):
+            view = fixed[i] if i in fixed else self.predict(model, runtime, i, ev.preds.get(i))  # one forward at most
+            self.show(f"val/{name}_image", view, epoch, ev.image_miou[i])
+            self.tb.text(f"val/{name}_image_id", f"{view.id} (mIoU {ev.image_miou[i]:.3f})", epoch)
+            index[name] = {"id": view.id, "miou": ev.image_miou[i]}
+        self.run_dir.write_prediction_index(index)

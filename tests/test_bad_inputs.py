@@ -16,14 +16,16 @@ import pytest
 import torch
 from conftest import SMALL, TINY, tiny_cfg
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 from PIL import Image
 
 from deeplab_dropout import train as train_mod
+from deeplab_dropout.cli import InputError, run_job
 from deeplab_dropout.data.voc import voc_dir
-from deeplab_dropout.entry import record_failure
 from deeplab_dropout.results import write_json
+from deeplab_dropout.rundir import RunDir
 
 
 def base(root: Path, run_dir: Path) -> list[str]:
@@ -204,14 +206,14 @@ def test_unwritable_output_dir(completed, voc_root, tmp_path):
 
 def _as_multirun_job(monkeypatch, run_dir: Path) -> None:
     hydra_cfg = SimpleNamespace(mode=RunMode.MULTIRUN, runtime=SimpleNamespace(output_dir=str(run_dir)))
-    monkeypatch.setattr(train_mod.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra_cfg))
 
 
 def test_a_multirun_job_records_its_bad_input_and_raises(voc_root, tmp_path, monkeypatch, capsys):
     cfg = tiny_cfg(tmp_path / "nowhere", "cell=spp-uout")
     _as_multirun_job(monkeypatch, tmp_path / "job")
-    with pytest.raises(train_mod.InputError):  # Hydra marks the job FAILED; the sweep goes on
-        train_mod.exit_on_input_error(train_mod.run, cfg)
+    with pytest.raises(InputError):  # Hydra marks the job FAILED; the sweep goes on
+        run_job(train_mod.run, cfg)
     line = capsys.readouterr().err.strip()
     assert line.startswith("error: data root not found") and "\n" not in line
     results = json.loads((tmp_path / "job/results.json").read_text())
@@ -222,8 +224,8 @@ def test_a_multirun_job_records_its_bad_input_and_raises(voc_root, tmp_path, mon
 def test_a_multirun_job_never_overwrites_a_completed_run(completed, tmp_path, monkeypatch, capsys):
     before = snapshot(completed)
     _as_multirun_job(monkeypatch, completed)
-    with pytest.raises(train_mod.InputError):
-        train_mod.exit_on_input_error(train_mod.run, tiny_cfg(tmp_path / "nowhere", "trainer.resume=never"))
+    with pytest.raises(InputError):
+        run_job(train_mod.run, tiny_cfg(tmp_path / "nowhere", "trainer.resume=never"))
     assert capsys.readouterr().err.startswith("error: ")
     assert snapshot(completed) == before
 
@@ -234,12 +236,12 @@ def test_record_failure_makes_an_earlier_error_one_line(tmp_path):
     config = OmegaConf.to_container(cfg, resolve=True)
     write_json(path, {"status": "failed", "cell": "none", "config": config,
                       "error": "DatasetError: a\nlong\ntraceback"})
-    record_failure(path, cfg, "corrupt or unreadable image: x.jpg")
+    RunDir(tmp_path).record_failure(cfg, "corrupt or unreadable image: x.jpg")
     data = json.loads(path.read_text())
     assert data["status"] == "failed" and data["error"] == "corrupt or unreadable image: x.jpg"
     # Another config's run (the one a refusal protects) is left as it was.
-    other = tmp_path / "other.json"
+    other = tmp_path / "other" / "results.json"
     write_json(other, {"status": "running", "cell": "none", "config": {**config, "seed": 7}})
     before = other.read_bytes()
-    record_failure(other, cfg, "trained with a different config")
+    RunDir(other.parent).record_failure(cfg, "trained with a different config")
     assert other.read_bytes() == before

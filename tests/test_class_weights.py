@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_cfg
+from conftest import compose_cfg, tiny_cfg
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -26,8 +26,9 @@ from deeplab_dropout.data import VOCSegmentation, get_datasets, make_split
 from deeplab_dropout.data.split import ids_sha256
 from deeplab_dropout.data.synth import generate
 from deeplab_dropout.data.voc import voc_dir
+from deeplab_dropout.eval import run_eval
 from deeplab_dropout.loss import make_criterion, pixel_loss_sum, reduce_loss
-from deeplab_dropout.results import load_checkpoint
+from deeplab_dropout.rundir import RunDir
 
 K = 21
 
@@ -132,8 +133,6 @@ def test_weighted_loss_equals_cross_entropy_with_weight(batch_average):
 
 
 def criterion(overrides: list[str], w: list[float] | None = None):
-    from conftest import compose_cfg
-
     cfg = compose_cfg(["loss=focal", *overrides])
     validate(cfg)
     return make_criterion(cfg, "cpu", w)
@@ -232,12 +231,12 @@ def test_focal_weighted_rotated_repeated_run_end_to_end(voc_root, tmp_path):
     assert np.isfinite(entry["train_loss"]) and np.isfinite(entry["val_loss"])
     manifest = Path(results["split"]["manifest"])
     assert counts_path(manifest).is_file()
-    # The val loss is the training criterion: evaluate without one (as the eval app calls it) rebuilds the
-    # same weighted focal loss from the config and gets the same number from the same weights.
-    state = train_mod.set_up(cfg, tmp_path / "again")
+    state = train_mod.set_up(cfg, RunDir(tmp_path / "again"))
     assert len(state.train_ds) == 2 * results["split"]["n_images"]
     expected_w = torch.tensor(class_weights(cfg), dtype=torch.float32)
     assert torch.equal(state.criterion.weight, expected_w) and state.criterion.gamma == 2.0
-    state.model.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["model"])
-    ev = train_mod.evaluate(state.model, state.val_loader, cfg, state.runtime)
-    assert ev["val_loss"] == pytest.approx(entry["val_loss"], rel=1e-5)
+    # The eval app's val loss is the training criterion's (class weights from the training split): the same
+    # weighted focal loss, the same number from the same weights.
+    overrides = [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}"]
+    again = run_eval(compose_cfg(overrides, config_name="eval"), tmp_path / "eval", overrides)
+    assert again["val_loss"] == pytest.approx(entry["val_loss"], rel=1e-5)

@@ -1,6 +1,6 @@
-"""The VOC 2007 course report's baseline encoder-decoder (model=course_fcn, nets.CourseFCN): output size for any
-input, parameters recomputed from the report's layer list, sites per placement read off the module tree,
-gradients, the regulariser active in training only, and its config errors in one line."""
+"""The VOC 2007 course report's baseline encoder-decoder (model=course_fcn, deeplab_dropout.model.course): output
+size for any input, parameters recomputed from the report's layer list, sites per placement read off the module
+tree, gradients, the regulariser active in training only, and its config errors in one line."""
 from __future__ import annotations
 
 import pytest
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeplab_dropout import nets
 from deeplab_dropout.config import ConfigError, validate
-from deeplab_dropout.model import build_model, describe_sites
-from deeplab_dropout.regularizers import ChannelDropout
+from deeplab_dropout.model import build_model
+from deeplab_dropout.model.course import CourseFCN
+from deeplab_dropout.regularizers import ChannelDropout, describe_sites
 from deeplab_dropout.train import make_optimizer
 
 TINY = ["model=course_fcn", "model.channels=[4,8,8,16,16]"]
@@ -125,6 +125,6 @@ def test_bad_values_fail_in_one_line(compose_config, overrides, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_nets_build_is_the_model_api(compose_config):
+def test_build_model_builds_the_course_model(compose_config):
     net = build_model(compose_config(TINY))
-    assert isinstance(net, nets.CourseFCN) and {n for n, _ in net.named_children()} == {"backbone", "aspp", "decoder"}
+    assert isinstance(net, CourseFCN) and {n for n, _ in net.named_children()} == {"backbone", "aspp", "decoder"}

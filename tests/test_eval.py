@@ -12,10 +12,10 @@ from conftest import compose_cfg, tiny_cfg
 from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights, deeplabv3_resnet101
 
 from deeplab_dropout import train as train_mod
+from deeplab_dropout.cli import InputError
 from deeplab_dropout.config import ConfigError
 from deeplab_dropout.eval import run_eval
 from deeplab_dropout.model import build_model
-from deeplab_dropout.train import InputError
 
 
 @pytest.fixture(scope="module")

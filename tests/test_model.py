@@ -10,16 +10,17 @@ import torchvision
 from conftest import counting_backend
 
 from deeplab_dropout.config import ConfigError
-from deeplab_dropout.model import (
-    DeepLabV3Plus,
-    ImagePooling,
-    ResNetBackbone,
-    build_model,
+from deeplab_dropout.model import build_model, regularizer_sites
+from deeplab_dropout.model.backbone import ResNetBackbone
+from deeplab_dropout.model.deeplab import DeepLabV3Plus, ImagePooling
+from deeplab_dropout.regularizers import (
+    ChannelDropout,
+    DropBlock,
+    Regularizer,
+    UOut,
     describe_sites,
     place_regularizers,
-    regularizer_sites,
 )
-from deeplab_dropout.regularizers import ChannelDropout, DropBlock, Regularizer, UOut
 
 CELL_DIR = Path(__file__).resolve().parents[1] / "conf" / "cell"
 CELLS = sorted(p.stem for p in CELL_DIR.glob("*.yaml"))
@@ -243,6 +244,14 @@ def test_no_dropout_anywhere_by_default(compose_config):
     assert net.regularizers() == {} and regularizer_sites(compose_config(R101)) == []
 
 
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CELL_DIR.parent / "model").glob("*.yaml")))
+def test_every_model_preset_builds(compose_config, model):
+    """Every model option builds through the one public builder, with the runner's children."""
+    net = build_meta(compose_config([f"model={model}", "model.pretrained=none"]))
+    assert {"backbone", "decoder"} <= {n for n, _ in net.named_children()}
+    assert net.regularizers() == {}
+
+
 # --- Table 2 placement ------------------------------------------------------------------------------------
 
 def test_the_sixteen_cells_exist():
@@ -289,15 +298,33 @@ def test_dropout_none_places_nothing_even_if_placement_says_so(compose_config):
     assert regularizer_sites(cfg) == [] and build_model(cfg).regularizers() == {}
 
 
-def test_build_model_validates_the_config_first(compose_config, tmp_path, monkeypatch):
-    """Notebook users get config.validate's one-line error (the table in test_config.py), before any work."""
-    def never(*args, **kwargs):
-        raise AssertionError("the model was built before the config was validated")
+@pytest.mark.parametrize("overrides,message", [
+    # Built unchecked, these would fail later and differently: reading the file, a KeyError on the stride.
+    (["model.pretrained=/nope/r18.pth"], "model.pretrained='/nope/r18.pth' is invalid: expected imagenet, none or "
+                                         "an existing file"),
+    (["model.pretrained=none", "model.output_stride=32"], "model.output_stride=32 is invalid: expected one of 8, 16"),
+    (["model.pretrained=none", "trainer.batch_size=1"], "trainer.batch_size=1 is invalid with model.pool_norm=bn"),
+])
+def test_build_model_validates_the_config_first(compose_config, overrides, message):
+    """Notebook users get config.validate's one-line error before any work: no weight was initialised (the
+    global RNG is untouched)."""
+    cfg = compose_config(["model=deeplabv3plus_resnet18", *overrides])
+    rng = torch.random.get_rng_state()
+    with pytest.raises(ConfigError) as err:
+        build_model(cfg)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert torch.equal(torch.random.get_rng_state(), rng)
 
-    monkeypatch.setattr(DeepLabV3Plus, "__init__", never)
-    with pytest.raises(ConfigError, match=r"^model\.pretrained='.*nope\.pth' is invalid") as err:
-        build_model(compose_config(["model=deeplabv3plus_resnet18", f"model.pretrained={tmp_path / 'nope.pth'}"]))
-    assert "\n" not in str(err.value)
+
+def test_build_model_validate_false_skips_the_check(compose_config):
+    """The apps validate once at start-up and pass validate=False: a value only training cares about (batch 1
+    with image-pooling BN) no longer stops the build."""
+    cfg = compose_config(R18 + ["trainer.batch_size=1", "cell=all-uout"])
+    with pytest.raises(ConfigError, match="trainer.batch_size=1 is invalid"):
+        build_meta(cfg)
+    with torch.device("meta"):
+        net = build_model(cfg, validate=False)
+    assert list(net.regularizers()) == regularizer_sites(cfg)
 
 
 def test_empty_slots_are_identities_and_placing_fills_only_them(compose_config):

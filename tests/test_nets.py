@@ -1,4 +1,4 @@
-"""FCN-ResNet101, U-Net and ResNet-101-FPN (deeplab_dropout.nets): sites per placement counted from the module
+"""FCN-ResNet101, U-Net and ResNet-101-FPN (deeplab_dropout.model.fcn, .unet, .fpn): sites per placement counted from the module
 tree, 2 training steps per placement at the input's size, torchvision equivalence, frozen backbone, wrong
 placements in one line, and one end-to-end run per model through the real runner."""
 from __future__ import annotations
@@ -12,11 +12,12 @@ from conftest import tiny_cfg
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from deeplab_dropout import nets
 from deeplab_dropout import train as train_mod
 from deeplab_dropout.config import ConfigError, validate
-from deeplab_dropout.model import build_model, describe_sites, regularizer_sites
-from deeplab_dropout.regularizers import DropBlock, Regularizer
+from deeplab_dropout.model import build_model, regularizer_sites
+from deeplab_dropout.model.fpn import FPN_HEAD_CONVS, FPNBackbone
+from deeplab_dropout.model.unet import DoubleConv
+from deeplab_dropout.regularizers import DropBlock, Regularizer, describe_sites
 
 SMALL_NET = {"unet": ["model=unet", "model.unet_base_channels=8"],
              "fcn": ["model=fcn_resnet101", "model.pretrained=none"],
@@ -37,13 +38,13 @@ def build_meta(cfg) -> nn.Module:
 
 
 def expected_sites(net: nn.Module, arch: str) -> dict[str, int]:
-    """Sites per placement word, read off an unplaced model's module tree (not from nets' site lists)."""
+    """Sites per placement word, read off an unplaced model's module tree (not from the site lists)."""
     if arch == "unet":
-        levels = [m for m in net.modules() if isinstance(m, nets.DoubleConv)]
-        enc = sum(isinstance(m, nets.DoubleConv) for m in net.backbone.modules())
-        return {"resnet": enc, "spp": len(levels) - enc - sum(isinstance(m, nets.DoubleConv)
+        levels = [m for m in net.modules() if isinstance(m, DoubleConv)]
+        enc = sum(isinstance(m, DoubleConv) for m in net.backbone.modules())
+        return {"resnet": enc, "spp": len(levels) - enc - sum(isinstance(m, DoubleConv)
                                                                for m in net.decoder.modules()),
-                "decoder": sum(isinstance(m, nets.DoubleConv) for m in net.decoder.modules())}
+                "decoder": sum(isinstance(m, DoubleConv) for m in net.decoder.modules())}
     blocks = sum(isinstance(m, Bottleneck | BasicBlock) for m in net.backbone.modules())
     head_3x3 = sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in net.decoder.modules())
     spp = len(net.aspp.fpn.layer_blocks) if arch == "fpn" else 0  # one site per pyramid output
@@ -61,7 +62,7 @@ def test_sites_per_placement_counted_from_the_module_tree(compose_config, arch):
         net = build_meta(cfg)
         regs = net.regularizers()
         assert len(regs) == sum(per_part[p] for p in PARTS[where]), where
-        assert list(regs) == regularizer_sites(cfg) == nets.regularizer_sites(cfg)
+        assert list(regs) == regularizer_sites(cfg)
         assert all(type(m) is DropBlock for m in regs.values())
         owner = {"resnet": "backbone.", "spp": "aspp.", "decoder": "decoder."}
         assert all(any(n.startswith(owner[p]) for p in PARTS[where]) for n in regs)
@@ -164,7 +165,7 @@ def test_fcn_frozen_backbone_keeps_weights_and_bn_statistics(voc_root):
 def test_fpn_backbone_is_torchvision_resnet_at_stride_32(compose_config, name):
     torch.manual_seed(0)
     tv = torchvision.models.get_model(name).eval()
-    backbone = nets.FPNBackbone(name).eval()
+    backbone = FPNBackbone(name).eval()
     backbone.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
@@ -215,7 +216,7 @@ def test_dropblock_voc_preset_sweeps_none_and_three_block_sizes(compose_config):
     validate(cfg)
     assert (cfg.model.arch, cfg.model.pretrained, cfg.data.fraction) == ("fpn", "none", 1.0)
     assert cfg.dropout.p == 0.8 and cfg.schedule.name == "linear" and cfg.trainer.epochs == 500
-    assert len(regularizer_sites(cfg)) == sum(nets.FPN_HEAD_CONVS)
+    assert len(regularizer_sites(cfg)) == sum(FPN_HEAD_CONVS)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         full = compose(config_name="train", overrides=["experiment=dropblock_voc"], return_hydra_config=True)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from types import SimpleNamespace
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from conftest import compose_cfg, tiny_cfg
+from faults import raise_at_step
 from test_train import metrics_only, read_results
 
 from deeplab_dropout import train as train_mod
 from deeplab_dropout.config import ConfigError, validate
-from deeplab_dropout.results import BEST, LAST, RunResults, load_checkpoint
+from deeplab_dropout.results import BEST, LAST, load_checkpoint
+from deeplab_dropout.rundir import RunDir, RunResults
 from deeplab_dropout.schedules import cosine_lr, cosine_restarts_lr, lr_at
 
 SPE = 7  # steps per epoch
@@ -44,12 +46,11 @@ class TwoPart(torch.nn.Module):
 
 
 def group_lrs(cfg, it: int) -> list[float]:
-    """Both groups' LR after train.set_schedules at iteration ``it`` (the code path training runs)."""
+    """Both groups' LR after the run's schedules at iteration ``it`` (the code path training runs)."""
     model = TwoPart()
-    state = SimpleNamespace(cfg=cfg, train_loader=range(SPE), optimizer=train_mod.make_optimizer(model, cfg),
-                            model=model)
-    train_mod.set_schedules(state, it)
-    return [g["lr"] for g in state.optimizer.param_groups]
+    optimizer = train_mod.make_optimizer(model, cfg)
+    train_mod.make_schedules(cfg, optimizer, model, SPE)(it)
+    return [g["lr"] for g in optimizer.param_groups]
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "cosine_restarts"])
@@ -186,35 +187,40 @@ def test_early_stop_follows_the_monitor():
     assert stop_epoch(history, 2, monitor="miou") is None
 
 
-def scripted_evaluate(monkeypatch, values: list[float]) -> None:
-    """Evaluate as usual, then report ``values`` (in order) as the per-image mIoU mean: the monitor."""
-    real, left = train_mod.evaluate, list(values)
+def scripted_monitor(monkeypatch, values: list[float]) -> Callable:
+    """Record evaluated epochs as usual, but with ``values`` (in order) as the per-image mIoU mean: the monitor;
+    returns the real RunResults.add_epoch."""
+    real, left = RunResults.add_epoch, list(values)
 
-    def evaluate(*args, **kwargs):
-        ev = real(*args, **kwargs)
-        ev["per_image_miou"] = {**ev["per_image_miou"], "mean": left.pop(0)}
-        return ev
+    def add_epoch(self, entry, write=True):
+        if "miou" in entry and left:
+            entry["per_image_miou"] = {**entry["per_image_miou"], "mean": left.pop(0)}
+        return real(self, entry, write)
 
-    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    monkeypatch.setattr(RunResults, "add_epoch", add_epoch)
+    return real
 
 
 def test_run_stops_early_completes_and_a_resumed_cut_decides_the_same(voc_root, tmp_path, monkeypatch, caplog):
     overrides = ("trainer.epochs=5", "trainer.max_train_steps=1", "trainer.max_val_images=1",
                  "trainer.early_stop_patience=1", "trainer.checkpoint_every=1")
-    scripted_evaluate(monkeypatch, [0.5, 0.7, 0.7, 0.9])  # best at 2, the tie at 3 ends it (patience 1)
-    real_final = train_mod.final_checkpoint
+    real_add_epoch = scripted_monitor(monkeypatch, [0.5, 0.7, 0.7, 0.9])  # best at 2, the tie at 3 ends it (patience 1)
+    real_save = RunDir.save_checkpoints
 
-    def interrupt(state) -> None:
-        raise KeyboardInterrupt
+    def interrupt_the_final_checkpoint(self, results, training, best) -> None:
+        if training is None:  # the final checkpoint (trainer.keep_last=false): last.pt of epoch 3 is written
+            raise KeyboardInterrupt
+        real_save(self, results, training, best)
 
-    monkeypatch.setattr(train_mod, "final_checkpoint", interrupt)
+    monkeypatch.setattr(RunDir, "save_checkpoints", interrupt_the_final_checkpoint)
     with pytest.raises(KeyboardInterrupt):  # cut after epoch 3 was recorded, before the run could finish
         train_mod.run(tiny_cfg(voc_root, *overrides), tmp_path)
     assert read_results(tmp_path)["status"] == "failed" and load_checkpoint(tmp_path / LAST)["epoch"] == 3
 
-    monkeypatch.setattr(train_mod, "final_checkpoint", real_final)
-    monkeypatch.setattr(train_mod, "run_epoch", lambda *a: pytest.fail("the resumed run trained again"))
-    with caplog.at_level(logging.INFO, logger="deeplab_dropout"):
+    monkeypatch.setattr(RunDir, "save_checkpoints", real_save)
+    monkeypatch.setattr(RunResults, "add_epoch", real_add_epoch)  # the resume reads the scripted history
+    with caplog.at_level(logging.INFO, logger="deeplab_dropout"), \
+            raise_at_step(1, AssertionError("the resumed run trained again")):
         train_mod.run(tiny_cfg(voc_root, *overrides), tmp_path)
     res = read_results(tmp_path)
     assert (res["status"], res["stopped_early"], res["stopped_epoch"], res["best_epoch"]) == ("completed", True, 3, 2)
@@ -231,16 +237,16 @@ def test_adamw_cosine_restarts_resume_exactly(voc_root, tmp_path, monkeypatch):
     overrides = ("optim=adamw", "optim.lr=1e-3", "optim.t_max_epochs=1", "trainer.epochs=2",
                  "trainer.max_train_steps=2", "trainer.max_val_images=1", "trainer.keep_last=true",
                  "trainer.checkpoint_every=1")
-    real = train_mod.run_epoch
+    real = RunDir.save_checkpoints
 
-    def snapshot_after_epoch_1(state, epoch: int) -> None:
-        real(state, epoch)
-        if epoch == 0:  # what a kill now would leave: results.json "running", last.pt of epoch 1
-            shutil.copytree(state.run_dir, tmp_path / "resumed")
+    def snapshot_after_epoch_1(self, results, training, best) -> None:
+        real(self, results, training, best)
+        if results.history[-1]["epoch"] == 1:  # what a kill now would leave: results.json "running", last.pt
+            shutil.copytree(self.path, tmp_path / "resumed")
 
-    monkeypatch.setattr(train_mod, "run_epoch", snapshot_after_epoch_1)
+    monkeypatch.setattr(RunDir, "save_checkpoints", snapshot_after_epoch_1)
     train_mod.run(tiny_cfg(voc_root, *overrides), tmp_path / "straight")
-    monkeypatch.setattr(train_mod, "run_epoch", real)
+    monkeypatch.setattr(RunDir, "save_checkpoints", real)
     res = read_results(tmp_path / "straight")
     assert (res["stopped_early"], res["stopped_epoch"]) == (False, None)  # ran every epoch
     straight = res["history"]

@@ -18,9 +18,11 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from deeplab_dropout import train as train_mod
 from deeplab_dropout.data import get_datasets
 from deeplab_dropout.data.voc import VOC_PALETTE
+from deeplab_dropout.engine import evaluate
 from deeplab_dropout.metrics import iou_from_counts, miou_from_counts
 from deeplab_dropout.results import PerImage, read_per_image, write_per_image
-from deeplab_dropout.tb import CAPTION_HEIGHT, HPARAM_METRICS
+from deeplab_dropout.rundir import RunDir
+from deeplab_dropout.tb import CAPTION_HEIGHT, HPARAM_METRICS, ImageViews
 
 K = 21
 
@@ -168,10 +170,14 @@ def test_fixed_image_captions_score_the_prediction_shown(run, tmp_path):
     from test_plots import brute_miou
 
     _, cfg, _ = run
-    state = train_mod.set_up(cfg, tmp_path / "again")
-    ev = train_mod.evaluate(state.model, state.val_loader, cfg, state.runtime, keep=tuple(state.tb_indices))
-    assert set(ev["preds"]) == {0}  # val_ids[0] evaluated, val_ids[5] past the cut
+    state = train_mod.set_up(cfg, RunDir(tmp_path / "again"))
+    views = ImageViews(None, state.run_dir, state.val_ds, state.val_loader, cfg.data, cfg.model.num_classes,
+                       state.tb_indices)
+    ev = evaluate(state.model, state.val_loader, state.runtime, state.criterion,
+                  num_classes=cfg.model.num_classes, ignore_index=cfg.data.ignore_index,
+                  max_images=cfg.trainer.max_val_images, keep=tuple(state.tb_indices))
+    assert set(ev.preds) == {0}  # val_ids[0] evaluated, val_ids[5] past the cut
     for i in state.tb_indices:
-        view = train_mod.predict(state, i, ev["preds"].get(i))
+        view = views.predict(state.model, state.runtime, i, ev.preds.get(i))
         expected = brute_miou(view.pred.numpy(), view.target.numpy())
-        assert train_mod.view_miou(view, i, ev, cfg) == pytest.approx(expected, abs=1e-12)
+        assert views.view_miou(view, i, ev) == pytest.approx(expected, abs=1e-12)

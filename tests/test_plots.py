@@ -1,33 +1,30 @@
-"""The report's figures: valid PNGs of the expected size, drawn from the data they are given."""
+"""The report's figures: drawn from the data they are given, saved as valid PNGs of the expected size."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 from PIL import Image
 
-from deeplab_dropout import plots
 from deeplab_dropout.data.voc import VOC_CLASSES, VOC_PALETTE
+from deeplab_dropout.report.figures import (
+    DPI,
+    SHEET_DPI,
+    class_iou_figure,
+    curves_figure,
+    delta_figure,
+    panel_epochs,
+    per_image_figure,
+    save_figure,
+    sheet_figure,
+)
 
 CLASSES = list(VOC_CLASSES)
-
-
-@pytest.fixture
-def figures(monkeypatch):
-    """Figures as they are saved (still inspectable after plt.close), so tests can read what was drawn."""
-    seen = []
-    real = plots._save
-
-    def spy(fig, out, dpi=plots.DPI):
-        seen.append(fig)
-        return real(fig, out, dpi)
-
-    monkeypatch.setattr(plots, "_save", spy)
-    return seen
 
 
 def png(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -42,7 +39,7 @@ def png(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def inches(fig, dpi: int = plots.DPI) -> tuple[int, int]:
+def inches(fig, dpi: int = DPI) -> tuple[int, int]:
     """Pixel size a figure saves to (figsize × dpi), for comparison with the PNG."""
     w, h = fig.get_size_inches()
     return round(w * dpi), round(h * dpi)
@@ -63,11 +60,11 @@ def delta_rows() -> list[dict]:
     return rows
 
 
-def test_delta_plot_groups_cells_by_type_and_fills_significant_markers(tmp_path, figures):
+def test_delta_plot_groups_cells_by_type_and_fills_significant_markers(tmp_path):
     rows = delta_rows()
-    out = plots.delta_plot(rows, tmp_path / "sub" / "delta.png")
-    assert out == tmp_path / "sub" / "delta.png"
-    (fig,) = figures
+    fig = delta_figure(rows)
+    out = save_figure(fig, tmp_path / "sub" / "delta.png")
+    assert out == tmp_path / "sub" / "delta.png" and not plt.fignum_exists(fig.number)  # saved, then freed
     png(out, inches(fig))
     ax = fig.axes[0]
     # chandrop, dropblock, uout, then unknown types; given order kept within a type.
@@ -84,20 +81,19 @@ def test_delta_plot_groups_cells_by_type_and_fills_significant_markers(tmp_path,
     assert any(np.allclose(line.get_ydata(), 0.0) for line in ax.lines)  # the zero line
 
 
-def test_delta_plot_changes_with_one_value_and_skips_missing_baseline(tmp_path, figures):
+def test_delta_plot_changes_with_one_value_and_skips_missing_baseline(tmp_path):
     rows = delta_rows()
-    a = png(plots.delta_plot(rows, tmp_path / "a.png"))
+    a = png(save_figure(delta_figure(rows), tmp_path / "a.png"))
     rows[3] = {**rows[3], "delta": rows[3]["delta"] + 0.02}
-    b = png(plots.delta_plot(rows, tmp_path / "b.png"))
+    b = png(save_figure(delta_figure(rows), tmp_path / "b.png"))
     assert a.shape == b.shape and not np.array_equal(a, b)
     rows[0] = {**rows[0], "delta": None, "ci": None}
     rows[1] = {**rows[1], "ci": None}
-    plots.delta_plot(rows, tmp_path / "c.png")
-    ax = figures[-1].axes[0]
+    ax = delta_figure(rows).axes[0]
     assert "mystery-cell" in [t.get_text() for t in ax.get_xticklabels()]  # label kept, marker gone
     assert len([c for c in ax.collections if c.get_offsets().shape == (1, 2)]) == len(rows) - 1
     with pytest.raises(ValueError, match="no rows"):
-        plots.delta_plot([], tmp_path / "d.png")
+        delta_figure([])
 
 
 # ---- (b) curves --------------------------------------------------------------------------------------
@@ -109,10 +105,9 @@ def curves() -> dict:
             "constant": {"spp-uout": [[(1, 0.15), (2, 0.2)]], "my-run": [[(1, 0.05), (2, None)]]}}
 
 
-def test_curves_plot_one_subplot_per_schedule_with_seed_mean_and_family_colours(tmp_path, figures):
-    out = plots.curves_plot(curves(), tmp_path / "curves.png")
-    (fig,) = figures
-    png(out, inches(fig))
+def test_curves_plot_one_subplot_per_schedule_with_seed_mean_and_family_colours(tmp_path):
+    fig = curves_figure(curves())
+    png(save_figure(fig, tmp_path / "curves.png"), inches(fig))
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in axes] == ["schedule: constant", "schedule: linear"]
     lines = {line.get_label(): line for line in axes[1].lines if not line.get_label().startswith("_")}
@@ -133,22 +128,22 @@ def test_curves_plot_one_subplot_per_schedule_with_seed_mean_and_family_colours(
 
 def test_curves_plot_changes_with_one_value(tmp_path):
     data = curves()
-    a = png(plots.curves_plot(data, tmp_path / "a.png"))
+    a = png(save_figure(curves_figure(data), tmp_path / "a.png"))
     data["linear"]["none"][0][1] = (2, 0.6)
-    b = png(plots.curves_plot(data, tmp_path / "b.png"))
+    b = png(save_figure(curves_figure(data), tmp_path / "b.png"))
     assert a.shape == b.shape and not np.array_equal(a, b)
 
 
 # ---- (c) per-image distributions ---------------------------------------------------------------------
 
-def test_per_image_plot_whiskers_at_min_and_max_and_changes_with_data(tmp_path, figures):
+def test_per_image_plot_whiskers_at_min_and_max_and_changes_with_data(tmp_path):
     rng = np.random.default_rng(0)
     # A tight bulk and two far points: Tukey whiskers (1.5 IQR) would leave them as fliers.
     values = (rng.uniform(0.5, 0.55, 50).tolist() + [0.02, 0.97])
     dists = {"constant": {"none": values, "all-uout": [0.5, math.nan, 0.7, 0.2], "empty": []},
              "linear": {"none": values[:10]}}
-    out = plots.per_image_plot(dists, tmp_path / "dist.png")
-    fig = figures[-1]
+    fig = per_image_figure(dists)
+    out = save_figure(fig, tmp_path / "dist.png")
     png(out, inches(fig))
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "all-uout", "empty"]
@@ -159,7 +154,7 @@ def test_per_image_plot_whiskers_at_min_and_max_and_changes_with_data(tmp_path, 
     assert np.isclose(ends, 0.2).any() and np.isclose(ends, 0.7).any()  # NaN left out, not a whisker
     a = png(out)
     dists["constant"]["none"] = values[:-1] + [0.01]
-    b = png(plots.per_image_plot(dists, tmp_path / "b.png"))
+    b = png(save_figure(per_image_figure(dists), tmp_path / "b.png"))
     assert a.shape == b.shape and not np.array_equal(a, b)
 
 
@@ -173,26 +168,24 @@ def iou_rows(n: int) -> list[tuple[str, list]]:
     return rows
 
 
-def test_class_iou_plot_annotates_greys_missing_and_changes_with_data(tmp_path, figures):
+def test_class_iou_plot_annotates_greys_missing_and_changes_with_data(tmp_path):
     rows = iou_rows(4)
-    out = plots.class_iou_plot(rows, CLASSES, tmp_path / "iou.png")
-    fig = figures[-1]
-    a = png(out, inches(fig))
+    fig = class_iou_figure(rows, CLASSES)
+    a = png(save_figure(fig, tmp_path / "iou.png"), inches(fig))
     ax = fig.axes[0]
     assert len(ax.texts) == 4 * len(CLASSES) - 1  # one number per known value
     assert ax.images[0].get_clim() == (0.0, 1.0)
     assert (a == 211).all(axis=-1).any()  # the None cell in lightgrey (211, 211, 211)
     assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
     rows[2][1][7] = 1.0 - rows[2][1][7]
-    b = png(plots.class_iou_plot(rows, CLASSES, tmp_path / "b.png"))
+    b = png(save_figure(class_iou_figure(rows, CLASSES), tmp_path / "b.png"))
     assert not np.array_equal(a, b)
-    plots.class_iou_plot(iou_rows(26), CLASSES, tmp_path / "many.png")
-    assert not figures[-1].axes[0].texts  # too many rows to annotate
+    assert not class_iou_figure(iou_rows(26), CLASSES).axes[0].texts  # too many rows to annotate
 
 
 def test_class_iou_plot_rejects_a_row_of_the_wrong_length(tmp_path):
     with pytest.raises(ValueError, match="row 'cell-1' has 3 values, expected 21"):
-        plots.class_iou_plot([("cell-0", [0.1] * 21), ("cell-1", [0.1] * 3)], CLASSES, tmp_path / "x.png")
+        class_iou_figure([("cell-0", [0.1] * 21), ("cell-1", [0.1] * 3)], CLASSES)
 
 
 # ---- (5) image sheets --------------------------------------------------------------------------------
@@ -262,15 +255,14 @@ def brute_miou(pred: np.ndarray, truth: np.ndarray) -> float:
     ([], 3, []),
 ])
 def test_panel_epochs_first_middle_best(saved, best, expected):
-    assert plots.panel_epochs(saved, best) == expected
+    assert panel_epochs(saved, best) == expected
 
 
-def test_image_sheet_panels_titles_and_legend(tmp_path, figures):
+def test_image_sheet_panels_titles_and_legend(tmp_path):
     runs = [("all-chandrop", make_run(tmp_path, "a", [1, 2, 3, 4, 5], 4)),
             ("none", make_run(tmp_path, "b", [1, 2, 3], 3))]
-    out = plots.image_sheet(runs, tmp_path / "sheet.png", CLASSES)
-    fig = figures[-1]
-    png(out, inches(fig, plots.SHEET_DPI))
+    fig = sheet_figure(runs, CLASSES)
+    png(save_figure(fig, tmp_path / "sheet.png", dpi=SHEET_DPI), inches(fig, SHEET_DPI))
     titles = [ax.get_title() for ax in fig.axes]
     truth = truth_map(0)
     for e in (1, 2, 4):  # run a: first, middle, best
@@ -289,14 +281,14 @@ def test_image_sheet_changes_with_a_prediction_and_skips_runs_without_prediction
     bare = tmp_path / "bare"
     bare.mkdir()
     runs = [("all-uout", run), ("bare-run", bare)]
-    a = png(plots.image_sheet(runs, tmp_path / "a.png", CLASSES))
+    a = png(save_figure(sheet_figure(runs, CLASSES), tmp_path / "a.png", dpi=SHEET_DPI))
     assert "bare-run" in capsys.readouterr().err
     save_label(run / "predictions" / "2007_000033" / "epoch_002.png", np.full((48, 48), 15, np.uint8))
-    b = png(plots.image_sheet(runs, tmp_path / "b.png", CLASSES))
+    b = png(save_figure(sheet_figure(runs, CLASSES), tmp_path / "b.png", dpi=SHEET_DPI))
     assert a.shape == b.shape and not np.array_equal(a, b)
     capsys.readouterr()
     with pytest.raises(ValueError, match="none of 2 run"):
-        plots.image_sheet([("bare-run", bare), ("gone", tmp_path / "gone")], tmp_path / "c.png", CLASSES)
+        sheet_figure([("bare-run", bare), ("gone", tmp_path / "gone")], CLASSES)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "gone" in err[1]
 
@@ -305,15 +297,15 @@ def test_image_sheet_names_a_broken_file(tmp_path):
     run = make_run(tmp_path, "a", [1, 2], 2)
     (run / "predictions" / "2007_000042" / "truth.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"2007_000042.truth\.png"):
-        plots.image_sheet([("x", run)], tmp_path / "s.png", CLASSES)
+        sheet_figure([("x", run)], CLASSES)
     save_label(run / "predictions" / "2007_000042" / "truth.png", truth_map(1))
     save_label(run / "predictions" / "2007_000042" / "epoch_001.png", np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match=r"2007_000042.epoch_001\.png: pred shape"):
-        plots.image_sheet([("x", run)], tmp_path / "s.png", CLASSES)
+        sheet_figure([("x", run)], CLASSES)
 
 
 def test_delta_plot_names_a_row_with_missing_keys(tmp_path):
     rows = delta_rows()
     del rows[2]["schedule"]
     with pytest.raises(ValueError, match=r"row 2 \(spp-uout\) lacks schedule"):
-        plots.delta_plot(rows, tmp_path / "x.png")
+        delta_figure(rows)

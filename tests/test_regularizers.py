@@ -16,7 +16,12 @@ from deeplab_dropout.regularizers import (
     Regularizer,
     UOut,
     block_mask,
+    describe_sites,
+    find_regularizers,
+    in_group3,
     make_regularizer,
+    place_regularizers,
+    regularize,
 )
 
 FACTORIES = {
@@ -199,6 +204,63 @@ def test_make_regularizer_from_config(compose_config):
 
 
 # --- ChannelDropout ---------------------------------------------------------------------------------------
+
+# --- placement into any model's empty slots ---------------------------------------------------------------
+
+class SlottedCNN(nn.Module):
+    """A tiny model with the study's slot layout: ``backbone.layerN.drop`` (N = 2, 3) and ``decoder.drop``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.ModuleDict({f"layer{i}": nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)) for i in (2, 3)})
+        for layer in self.backbone.values():
+            layer.drop = nn.Identity()
+        self.decoder = nn.Sequential(nn.Conv2d(4, 4, 1))
+        self.decoder.drop = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.backbone.layer3(self.backbone.layer2(x)))
+
+
+SLOTS = ["backbone.layer2.drop", "backbone.layer3.drop", "decoder.drop"]
+
+
+def test_regularize_fills_the_given_sites_with_group3_scaled(compose_config):
+    dropout = compose_config(["dropout=dropblock", "dropout.group3_gamma_scale=0.25"]).dropout
+    net = SlottedCNN()
+    regularize(net, dropout, SLOTS[1:])
+    regs = find_regularizers(net)
+    assert list(regs) == SLOTS[1:] and all(type(m) is DropBlock and m.p == dropout.p for m in regs.values())
+    assert {n: m.rate_scale for n, m in regs.items()} == {"backbone.layer3.drop": 0.25, "decoder.drop": 1.0}
+    assert regs["backbone.layer3.drop"] is not regs["decoder.drop"]  # a fresh module per site
+    assert type(net.backbone.layer2.drop) is nn.Identity
+    regularize(net, compose_config(["dropout=uout"]).dropout, [])  # no sites: nothing changes
+    assert find_regularizers(net) == regs
+
+
+@pytest.mark.parametrize("site,expected", [("backbone.layer3.5.drop", True), ("backbone.layer3_drop", True),
+                                           ("backbone.layer3.0.skip_drop", True), ("backbone.layer4.0.drop", False),
+                                           ("backbone.layer30.drop", False), ("decoder.drop1", False)])
+def test_in_group3(site, expected):
+    assert in_group3(site) is expected
+
+
+def test_place_regularizers_refuses_anything_but_an_empty_slot():
+    net = SlottedCNN()
+    place_regularizers(net, ["decoder.drop"], lambda: UOut(0.1))
+    for site in ("decoder.drop", "decoder.0", "decoder.nodrop", "decoder.training"):  # filled, a layer, absent, no module
+        with pytest.raises(ValueError, match=f"^{site} is not an empty regulariser slot of SlottedCNN$"):
+            place_regularizers(net, [site], lambda: UOut(0.1))
+
+
+def test_describe_sites_per_part():
+    net = SlottedCNN()
+    assert describe_sites(net) == "none placed"
+    place_regularizers(net, SLOTS[:2], lambda: ChannelDropout(0.2))
+    place_regularizers(net, SLOTS[2:], lambda: UOut(0.1))
+    assert describe_sites(net) == ("backbone: 2 x ChannelDropout(p=0.2) [backbone.layer2.drop, backbone.layer3.drop]; "
+                                   "decoder: 1 x UOut(p=0.1, shared=False) [decoder.drop]")
+
 
 def test_channel_dropout_maps_and_rate():
     p, shape = 0.2, (8, 256, 33, 33)

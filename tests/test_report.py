@@ -17,9 +17,10 @@ import pytest
 from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from deeplab_dropout.report import TABLE2_ORDER, ReportCallback, load_runs, main, summarize
+from deeplab_dropout.report import ReportCallback, load_runs, main, summarize
 from deeplab_dropout.results import write_json
 from deeplab_dropout.saved_config import experiment_key
+from deeplab_dropout.study import TABLE_ORDER
 
 PAPER_COLUMNS = ["Experiment", "runs", "Mean mIoU", "Std.", "Worst mIoU", "Med. mIoU", "Best mIoU", "Loss",
                  "mIoU (dataset)", "Best epoch", "ΔmIoU vs none [95% CI]", "status"]
@@ -213,7 +214,7 @@ def test_report_orders_rows_like_table2_and_writes_files(tmp_path, capsys):
             if line.startswith("| ") and "Experiment" not in line]
     # The COCO model differs from ours in model.*: its cell name says so, no row needs a key list.
     assert rows == ["pretrained-base", "none", "resnet-chandrop", "upper-dropblock", "all-uout"]
-    assert rows == sorted(rows, key=TABLE2_ORDER.index)
+    assert rows == sorted(rows, key=TABLE_ORDER.index)
     assert "| upper-dropblock | 0 | – | – |" in out and "failed×1" in out
     assert (tmp_path / "report.md").read_text() + "\n" == out
     # Runs without per-image records, class IoU or predictions: the plots that have data, no image sheet.

@@ -13,9 +13,10 @@ import torch
 from conftest import tiny_cfg
 from PIL import Image
 
-from deeplab_dropout.figures import FILES
 from deeplab_dropout.metrics import miou_from_counts
-from deeplab_dropout.report import COLUMN_SETS, COLUMNS, report
+from deeplab_dropout.report import report
+from deeplab_dropout.report.figures import FILES
+from deeplab_dropout.report.tables import COLUMN_SETS, COLUMNS
 from deeplab_dropout.results import PER_IMAGE, read_per_image
 from deeplab_dropout.train import run
 

@@ -13,12 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL, TINY, tiny_cfg
+from faults import nan_output_at_step, raise_at_step
 from test_train import assert_same_outputs
 
 from deeplab_dropout import results as results_mod
+from deeplab_dropout import rundir as rundir_mod
 from deeplab_dropout import train as train_mod
-from deeplab_dropout.results import BEST, KILL_AT_ENV, LAST, load_checkpoint
+from deeplab_dropout.results import BEST, LAST, load_checkpoint
+from deeplab_dropout.rundir import BestWeights, RunDir, RunResults
 from deeplab_dropout.train import TIMING_KEYS
+
+FAULTS = Path(__file__).with_name("faults.py")
 
 # Three short epochs (4 of the 7 steps each) with DropBlock everywhere, so dropout draws matter too.
 RUN = ("cell=all-dropblock", "trainer.epochs=3", "trainer.max_train_steps=4", "trainer.max_val_images=2",
@@ -42,20 +47,20 @@ def straight(voc_root, tmp_path_factory) -> Path:
 
 
 def run_cli(voc_root: Path, run_dir: Path, *overrides: str, kill_at: str | None = None):
-    env = {k: v for k, v in os.environ.items() if k != KILL_AT_ENV}
-    env["HYDRA_FULL_ERROR"] = "0"
-    if kill_at is not None:
-        env[KILL_AT_ENV] = kill_at
+    """`deeplab-dropout-train` in a child process; SIGKILLed at ``kill_at`` (see tests/faults.py) if given."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     args = [*TINY, "data=synthetic", f"data.root={voc_root}", "data.synth=null", *SMALL, *RUN, *overrides,
             f"hydra.run.dir={run_dir}"]
-    return subprocess.run([sys.executable, "-m", "deeplab_dropout.train", *args], cwd=run_dir.parent, env=env,
+    command = ["-m", "deeplab_dropout.train"] if kill_at is None else [str(FAULTS), kill_at]
+    return subprocess.run([sys.executable, *command, *args], cwd=run_dir.parent, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kill_at", "workers", "resume_workers"), [
-    ("step:10", 0, 2),  # mid-epoch 2 (7 steps an epoch, 4 of them run); resumed with other workers
-    ("eval:2", 0, 0),   # as epoch 2's evaluation starts
-    ("ckpt:2", 2, 0),   # epoch 2's last.pt written to its temp file, not yet renamed
+    ("step:7", 0, 2),  # mid-epoch 2 (4 steps run an epoch: its third step); resumed with other workers
+    ("eval:2", 0, 0),  # as epoch 2's evaluation starts
+    ("last:2", 2, 0),  # epoch 2's last.pt written to its temp file, not yet renamed
 ])
 def test_sigkill_then_same_command_resumes_to_the_same_numbers(voc_root, tmp_path, straight, kill_at, workers,
                                                                 resume_workers):
@@ -64,7 +69,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_numbers(voc_root, tmp_pat
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     cut = read_results(run_dir)
     assert cut["status"] == "running" and load_checkpoint(run_dir / LAST)["epoch"] == 1
-    if kill_at.startswith("ckpt"):  # the torn write is a temp file beside a good last.pt
+    if kill_at.startswith("last"):  # the torn write is a temp file beside a good last.pt
         assert list((run_dir / "checkpoints").glob(".last.pt.*.tmp"))
 
     again = run_cli(voc_root, run_dir, f"trainer.num_workers={resume_workers}")
@@ -79,11 +84,13 @@ def test_sigkill_then_same_command_resumes_to_the_same_numbers(voc_root, tmp_pat
     assert_same_outputs(straight, run_dir)  # per_image.npz and predictions/ too
 
 
+@pytest.mark.slow
 def test_checkpoint_every_resumes_from_an_older_last_pt_to_the_same_numbers(voc_root, tmp_path, straight):
-    # last.pt after epochs 2 and 3 (the last) only; killed in epoch 3's last.pt write, when results.json,
-    # per_image.npz and predictions/ already hold epoch 3: the resume re-trains epoch 3 from epoch 2's state.
+    # last.pt after epochs 2 and 3 (the last) only; killed in epoch 3's last.pt write (the second), when
+    # results.json, per_image.npz and predictions/ already hold epoch 3: the resume re-trains epoch 3 from
+    # epoch 2's state.
     run_dir = tmp_path / "run"
-    killed = run_cli(voc_root, run_dir, "trainer.checkpoint_every=2", kill_at="ckpt:3")
+    killed = run_cli(voc_root, run_dir, "trainer.checkpoint_every=2", kill_at="last:2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(read_results(run_dir)["history"]) == 3 and load_checkpoint(run_dir / LAST)["epoch"] == 2
     again = run_cli(voc_root, run_dir, "trainer.checkpoint_every=2")
@@ -97,35 +104,25 @@ def test_checkpoint_every_resumes_from_an_older_last_pt_to_the_same_numbers(voc_
 
 
 def test_kill_between_last_and_best_writes_repairs_best_on_resume(voc_root, tmp_path, monkeypatch):
-    real_save_best, real_set_up = results_mod.save_best, train_mod.set_up
+    real_save_best = RunDir.save_best
 
-    def cut_at_epoch_2(run_dir, best):
+    def cut_at_epoch_2(self, best):
         if best.epoch == 2:
             raise SystemExit("killed")  # stands in for SIGKILL: epoch 2's last.pt is written, best.pt is not
-        real_save_best(run_dir, best)
-
-    def set_up_only(cfg, run_dir):
-        real_set_up(cfg, run_dir)
-        raise _Stop
+        real_save_best(self, best)
 
     # Evaluated at epochs 2 and 3 only, so epoch 2 is the first best and its best.pt is the write cut off.
     cfg = tiny_cfg(voc_root, *RUN, "trainer.eval_every=2")
-    monkeypatch.setattr(results_mod, "save_best", cut_at_epoch_2)  # also cuts the failure path's flush, as a kill
+    monkeypatch.setattr(RunDir, "save_best", cut_at_epoch_2)  # also cuts the failure path's flush, as a kill
     with pytest.raises(SystemExit):
         train_mod.run(cfg, tmp_path)
     assert load_checkpoint(tmp_path / LAST)["epoch"] == 2 and not (tmp_path / BEST).exists()
-    monkeypatch.setattr(results_mod, "save_best", real_save_best)
-    monkeypatch.setattr(train_mod, "set_up", set_up_only)
-    with pytest.raises(_Stop):  # resuming (set_up) repairs best.pt before any training
-        train_mod.run(cfg, tmp_path)
+    monkeypatch.setattr(RunDir, "save_best", real_save_best)
+    train_mod.set_up(cfg, RunDir(tmp_path))  # resuming repairs best.pt before any training
     best = load_checkpoint(tmp_path / BEST)
     assert best["epoch"] == 2 and "optimizer" not in best
     last = load_checkpoint(tmp_path / LAST)["model"]
     assert all(torch.equal(best["model"][k], last[k]) for k in last)
-
-
-class _Stop(Exception):
-    pass
 
 
 def mtimes(run_dir: Path) -> dict[str, int]:
@@ -156,18 +153,11 @@ def test_completed_run_is_skipped_untouched_and_rerun_moves_it_aside(voc_root, t
     assert f"skipping {run_dir}: already completed" in caplog.messages
 
 
-def test_failed_run_without_checkpoint_is_retried_from_scratch(voc_root, tmp_path, monkeypatch):
+def test_failed_run_without_checkpoint_is_retried_from_scratch(voc_root, tmp_path):
     cfg = tiny_cfg(voc_root, "trainer.epochs=1", "trainer.max_train_steps=2", "trainer.max_val_images=2")
-    real = train_mod.train_one_epoch
-
-    def broken(*args):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", broken)
-    with pytest.raises(RuntimeError):
+    with raise_at_step(1, RuntimeError("boom")), pytest.raises(RuntimeError, match="boom"):
         train_mod.run(cfg, tmp_path)
     assert read_results(tmp_path)["status"] == "failed" and not (tmp_path / LAST).exists()
-    monkeypatch.setattr(train_mod, "train_one_epoch", real)
     train_mod.run(cfg, tmp_path)
     res = read_results(tmp_path)
     assert res["status"] == "completed" and len(res["history"]) == 1
@@ -186,20 +176,9 @@ def test_files_follow_the_umask(voc_root, tmp_path, monkeypatch):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
-def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(voc_root, tmp_path, monkeypatch):
-    real = train_mod.forward
-    calls = []
-
-    def nan_at_step_7(model, images, targets, *args):
-        logits, targets, loss_sum, n_px = real(model, images, targets, *args)
-        if model.training:
-            calls.append(1)
-            if len(calls) == 7:  # epoch 2's third step (4 steps run of the 7 an epoch has)
-                loss_sum = loss_sum * float("nan")
-        return logits, targets, loss_sum, n_px
-
-    monkeypatch.setattr(train_mod, "forward", nan_at_step_7)
-    with pytest.raises(FloatingPointError):
+def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(voc_root, tmp_path):
+    # The 7th training forward is epoch 2's third step (4 steps run of the 7 an epoch has).
+    with nan_output_at_step(7) as calls, pytest.raises(FloatingPointError):
         train_mod.run(tiny_cfg(voc_root, *RUN), tmp_path)
     assert len(calls) == 7  # stopped at that step
     res = read_results(tmp_path)
@@ -213,19 +192,14 @@ def test_best_pt_waits_for_a_checkpoint_and_holds_the_best_epochs_weights(voc_ro
                                                                            monkeypatch):
     # last.pt every 2 epochs of 3 and not kept: best.pt is written at epoch 2's checkpoint (a best of epoch 1
     # or 2, before last.pt when it is epoch 1's) and after the run; never at a mere new best, never last.pt at 3.
-    writes, states = [], []
-    real_save, real_set_up = results_mod.save_checkpoint, train_mod.set_up
+    writes = []
+    real_save = rundir_mod.save_checkpoint
 
-    def recording(path, state, before_rename=None):  # (file, its epoch, epochs trained when it is written)
-        writes.append((Path(path).name, state["epoch"], len(states[0].results.history)))
-        real_save(path, state, before_rename)
+    def recording(path, state):  # (file, its epoch, epochs trained when it is written: results.json is first)
+        writes.append((Path(path).name, state["epoch"], len(read_results(tmp_path)["history"])))
+        real_save(path, state)
 
-    def keep_state(cfg, run_dir):
-        states.append(real_set_up(cfg, run_dir))
-        return states[-1]
-
-    monkeypatch.setattr(train_mod, "set_up", keep_state)
-    monkeypatch.setattr(results_mod, "save_checkpoint", recording)
+    monkeypatch.setattr(rundir_mod, "save_checkpoint", recording)
     train_mod.run(tiny_cfg(voc_root, *RUN, "trainer.checkpoint_every=2", "trainer.keep_last=false"), tmp_path)
     ref = read_results(straight)
     best_epochs = [e["epoch"] for e in ref["history"] if e["epoch"] <= 2]
@@ -243,38 +217,32 @@ def test_best_pt_waits_for_a_checkpoint_and_holds_the_best_epochs_weights(voc_ro
 
 
 def test_a_new_best_overwrites_the_waiting_copy_in_place_never_the_model():
-    results = results_mod.RunResults("unused.json", cell="none", config={}, split={}, monitor="miou")
+    results = RunResults("unused.json", cell="none", config={}, split={}, monitor="miou")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     results.add_epoch({"epoch": 1, "miou": 0.1}, write=False)
-    first = results_mod.BestWeights.of(results, model.state_dict())
+    first = BestWeights.of(results, model.state_dict())
     kept = {k: v.clone() for k, v in first.record["model"].items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # training goes on: the copy must not follow the live weights
     assert all(torch.equal(first.record["model"][k], kept[k]) for k in kept)
     results.add_epoch({"epoch": 2, "miou": 0.2}, write=False)
-    second = results_mod.BestWeights.of(results, model.state_dict(), superseded=first)
+    second = BestWeights.of(results, model.state_dict(), superseded=first)
     assert second.epoch == 2 and second.record["epoch"] == 2
     for k, v in model.state_dict().items():
         assert torch.equal(second.record["model"][k], v)
         assert second.record["model"][k].data_ptr() == first.record["model"][k].data_ptr()  # no new memory
         assert second.record["model"][k].data_ptr() != v.data_ptr()  # and never the model's own tensor
     wider = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5))  # shapes that don't fit
-    third = results_mod.BestWeights.of(results, wider.state_dict(), superseded=second)
+    third = BestWeights.of(results, wider.state_dict(), superseded=second)
     assert all(torch.equal(third.record["model"][k], v) for k, v in wider.state_dict().items())
     assert third.record["model"]["0.weight"].data_ptr() != second.record["model"]["0.weight"].data_ptr()
 
 
-def test_a_failing_run_writes_the_best_weights_results_json_names(voc_root, tmp_path, straight, monkeypatch):
-    real = train_mod.train_one_epoch
-
-    def fail_in_epoch_3(state, epoch):
-        if epoch == 2:
-            raise RuntimeError("out of memory")
-        return real(state, epoch)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", fail_in_epoch_3)
-    with pytest.raises(RuntimeError):  # no checkpoint before epoch 5: the best waits in memory until the failure
+def test_a_failing_run_writes_the_best_weights_results_json_names(voc_root, tmp_path, straight):
+    # Epoch 3's first step is the 9th (4 steps run an epoch). No checkpoint before epoch 5: the best waits in
+    # memory until the failure.
+    with raise_at_step(9, RuntimeError("out of memory")), pytest.raises(RuntimeError):
         train_mod.run(tiny_cfg(voc_root, *RUN, "trainer.checkpoint_every=5"), tmp_path)
     res = read_results(tmp_path)
     assert res["status"] == "failed" and not (tmp_path / LAST).exists()

@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import counting_backend, tiny_cfg
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader
 
 from deeplab_dropout import runtime as runtime_mod
 from deeplab_dropout import train as train_mod
+from deeplab_dropout.cli import InputError
 from deeplab_dropout.config import ConfigError
 from deeplab_dropout.data import get_datasets
 from deeplab_dropout.data.cache import CachedValLoader, normalize_batch
+from deeplab_dropout.rundir import RunDir
 from deeplab_dropout.runtime import cpu_has_native, resolve_device, resolve_workers, tune_malloc
 
 FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 {extra}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 {extra}\n"
@@ -60,7 +63,7 @@ def test_explicit_low_precision_on_a_cpu_without_it_fails_before_training(voc_ro
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"trainer.precision={precision} is invalid on this CPU")
     assert "slow fallback kernel" in message and "trainer.precision=fp32 or auto" in message
-    with pytest.raises(train_mod.InputError, match=f"^trainer.precision={precision} is invalid"):
+    with pytest.raises(InputError, match=f"^trainer.precision={precision} is invalid"):
         train_mod.run(cpu_cfg(voc_root, f"trainer.precision={precision}"), tmp_path)
     assert not (tmp_path / "results.json").exists()  # failed before any work
 
@@ -109,10 +112,12 @@ def test_tune_malloc_leaves_other_allocators_alone(monkeypatch, system, libc):
 
 @pytest.mark.parametrize("setting", [True, False])
 def test_set_up_tunes_malloc_as_configured(voc_root, tmp_path, monkeypatch, setting):
-    calls = []
-    monkeypatch.setattr(train_mod, "tune_malloc", lambda: calls.append(1) or True)
-    train_mod.set_up(cpu_cfg(voc_root, f"trainer.tune_malloc={setting}"), tmp_path / "run")
-    assert calls == ([1] if setting else [])
+    libc = FakeLibc()  # glibc's mallopt, as the run's set-up would call it
+    monkeypatch.setattr(runtime_mod.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(runtime_mod.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime_mod.ctypes, "CDLL", lambda name: libc)
+    train_mod.set_up(cpu_cfg(voc_root, f"trainer.tune_malloc={setting}"), RunDir(tmp_path / "run"))
+    assert bool(libc.calls) is setting
 
 
 def test_cached_val_batches_equal_the_uncached_loader(voc_root):
@@ -121,9 +126,9 @@ def test_cached_val_batches_equal_the_uncached_loader(voc_root):
     cached = CachedValLoader(val_ds, cfg.data, 4, torch.device("cpu"))
     plain = DataLoader(val_ds, batch_size=4, shuffle=False)
     assert len(cached) == len(plain) == 2  # 6 val images in batches of 4
-    for (img8, mask8), (img, mask) in zip(cached, plain, strict=True):
-        assert img8.dtype == mask8.dtype == torch.uint8
-        assert torch.equal(normalize_batch(img8, cfg.data), img)  # bit for bit
+    for (cached_img, mask8), (img, mask) in zip(cached, plain, strict=True):
+        assert mask8.dtype == torch.uint8 and cached_img.dtype == torch.float32
+        assert torch.equal(cached_img, img)  # normalised from uint8 on the device: bit for bit
         assert torch.equal(mask8.long(), mask)
 
 
@@ -131,9 +136,11 @@ def test_full_val_crop_cache_keeps_each_size(voc_root):
     cfg = cpu_cfg(voc_root, "data.val_crop=full")
     _, val_ds, _ = get_datasets(cfg.data, seed=0)
     cached = CachedValLoader(val_ds, cfg.data, 1, torch.device("cpu"))
-    for i, (img8, mask8) in enumerate(cached):
+    for i, (cached_img, mask8) in enumerate(cached):
         img, mask = val_ds[i]
-        assert torch.equal(normalize_batch(img8, cfg.data)[0], img) and torch.equal(mask8[0].long(), mask)
+        assert torch.equal(cached_img[0], img) and torch.equal(mask8[0].long(), mask)
+        img8, _ = cached.item(i)  # the uint8 image a view shows
+        assert img8.dtype == torch.uint8 and torch.equal(normalize_batch(img8[None], cfg.data)[0], img)
 
 
 def test_train_cache_yields_the_same_augmented_samples(voc_root):
@@ -169,12 +176,11 @@ def test_cached_and_uncached_runs_give_identical_metrics_and_record_timing(voc_r
 def test_compiled_run_changes_p_every_step_without_recompiling(voc_root, tmp_path, monkeypatch):
     dynamo = pytest.importorskip("torch._dynamo", reason="torch.compile is unavailable")
 
-    compiles, seen = [], []
+    compiles, counts = [], []
 
     backend = counting_backend(compiles)
 
     dynamo.reset()
-    monkeypatch.setattr(train_mod, "set_schedules", _recording(train_mod.set_schedules, seen, compiles))
     dynamo.list_backends()  # registers the built-in backends first
     from torch._dynamo.backends.registry import register_backend
 
@@ -182,23 +188,21 @@ def test_compiled_run_changes_p_every_step_without_recompiling(voc_root, tmp_pat
     cfg = cpu_cfg(voc_root, "cell=all-uout", "schedule=linear", "schedule.ramp_epochs=2", "trainer.epochs=2",
                   "trainer.max_train_steps=3", "trainer.max_val_images=2", "trainer.compile=true",
                   "trainer.compile_backend=counting_test")
+    # Graphs compiled so far, at each optimiser step (after its forward).
+    handle = register_optimizer_step_pre_hook(lambda *args: counts.append(len(compiles)))
     try:
         train_mod.run(cfg, tmp_path)
     except Exception as e:  # a platform where dynamo cannot trace at all
         if "dynamo" in type(e).__module__ or "Unsupported" in type(e).__name__:
             pytest.skip(f"torch.compile unavailable here: {e}")
         raise
-    ps, counts = zip(*seen, strict=True)
-    assert len(set(ps)) == len(ps) == 6  # p changed at every step (its, 0, 1, 2 and 12, 13, 14)
+    finally:
+        handle.remove()
+    ps = [e["drop_p"] for e in json.loads((tmp_path / "results.json").read_text())["history"]]
+    # p = 0.2 * it / 14 (7 steps an epoch, 3 of them run): at each epoch's last step, iterations 2 and 9.
+    assert ps == [pytest.approx(0.2 * it / 14) for it in (2, 9)]
     # Graphs compiled in epoch 1: train mode at p = 0 (no regulariser branch) and at p > 0, eval mode (its
     # batches and predictions); in epoch 2 p changes at every step and nothing compiles again.
     final = len(compiles)
-    assert counts[0] == 0 and 1 <= counts[1] <= counts[2] <= counts[3]
+    assert len(counts) == 6 and 1 <= counts[0] <= counts[1] <= counts[2] <= counts[3]
     assert counts[3] == counts[4] == counts[5] == final
-
-
-def _recording(set_schedules, seen: list, compiles: list):
-    def wrapped(state, it):
-        seen.append((set_schedules(state, it), len(compiles)))  # compilations so far, before this step
-        return seen[-1][0]
-    return wrapped

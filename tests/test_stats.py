@@ -1,4 +1,4 @@
-"""stats.py against independent recomputations: plain-numpy mIoU sums, a slow per-replicate loop, t tables."""
+"""report/stats.py against independent recomputations: plain-numpy mIoU sums, a slow per-replicate loop, t tables."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-from deeplab_dropout.stats import mean_ci, paired_bootstrap
+from deeplab_dropout.report.stats import mean_ci, paired_bootstrap
 
 # The shared per-image record's fields; the real results.PerImage is built elsewhere.
 PerImage = namedtuple("PerImage", ["ids", "counts"])

@@ -9,11 +9,8 @@ from conftest import compose_cfg
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from deeplab_dropout.report import TABLE2_ORDER
-from deeplab_dropout.study import cell_name
+from deeplab_dropout.study import CELLS, cell_name
 from deeplab_dropout.sweep import JobExited, SweepTask, drop_repeats, failure, failure_report, run_identity
-
-CELLS = [c for c in TABLE2_ORDER if c != "pretrained-base"]
 
 
 def identities(jobs: list[list[str]]) -> list[str]:

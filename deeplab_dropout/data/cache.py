@@ -50,12 +50,14 @@ def cache_train(ds: VOCSegmentation, setting: str) -> bool:
 
 
 class CachedValLoader:
-    """The val set, decoded, resized and centre-cropped once, as uint8 tensors; iterates (uint8 images,
-    uint8 masks) batches in order (``normalize_batch`` finishes them on the device). ``dataset`` is the
-    underlying VOCSegmentation (ids, len)."""
+    """The val set, decoded, resized and centre-cropped once, as uint8 tensors on ``device``; iterates
+    (images, uint8 masks) batches in order, the images normalised on ``compute_device`` (as the uncached
+    transform would). ``dataset`` is the underlying VOCSegmentation (ids, len)."""
 
-    def __init__(self, dataset: VOCSegmentation, data_cfg: Any, batch_size: int, device: torch.device) -> None:
+    def __init__(self, dataset: VOCSegmentation, data_cfg: Any, batch_size: int, device: torch.device,
+                 compute_device: torch.device | None = None) -> None:
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.data_cfg, self.compute_device = data_cfg, compute_device or device
         from deeplab_dropout.data.transforms import get_transform
 
         geometry = get_transform(False, data_cfg).geometry  # resized and cropped, still uint8
@@ -71,10 +73,14 @@ class CachedValLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.dataset), self.batch_size):
             if self.batch_size == 1:
-                yield self.images[start][None], self.masks[start][None]
+                images, masks = self.images[start][None], self.masks[start][None]
             else:
-                end = start + self.batch_size
-                yield self.images[start:end], self.masks[start:end]
+                images, masks = self.images[start:start + self.batch_size], self.masks[start:start + self.batch_size]
+            yield self.normalize(images), masks
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) cached images -> normalised float32 on the compute device."""
+        return normalize_batch(images.to(self.compute_device, non_blocking=True), self.data_cfg)
 
     def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Val image ``i`` as (uint8 (3, H, W), uint8 (H, W)) on the CPU."""

@@ -5,10 +5,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from deeplab_dropout.cli import command
 from deeplab_dropout.config import YEARS
 from deeplab_dropout.data.split import SPLIT_METHODS, class_presence, compare_methods, make_split
 from deeplab_dropout.data.synth import generate
-from deeplab_dropout.data.voc import VOC_CLASSES, DatasetError
+from deeplab_dropout.data.voc import VOC_CLASSES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,22 +55,27 @@ def _print_split(path, manifest: dict, comparison: list[dict]) -> None:
     print(path)  # last line: scripts read the manifest path from here
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; exits 2 with a one-line `error:` message on bad data."""
+@command
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command on parsed arguments; bad data is a DatasetError (one line, exit 2 through ``command``)."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "synth":
-            root = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed,
-                            min_side=args.min_side, max_side=args.max_side, year=args.year)
-            print(f"generated dataset ready; use data.root={root} data.year={args.year}", file=sys.stderr)
-            print(root)
-        else:
-            path, manifest = make_split(args.root, fraction=args.fraction, seed=args.seed, split=args.split,
-                                        method=args.method, year=args.year)
-            # The presence index is cached next to the manifest, so the comparison reads no masks again.
-            presence = class_presence(args.root, args.split, year=args.year)
-            _print_split(path, manifest, compare_methods(presence, args.fraction, args.seed))
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if args.command == "synth":
+        root = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed,
+                        min_side=args.min_side, max_side=args.max_side, year=args.year)
+        print(f"generated dataset ready; use data.root={root} data.year={args.year}", file=sys.stderr)
+        print(root)
+    else:
+        path, manifest = make_split(args.root, fraction=args.fraction, seed=args.seed, split=args.split,
+                                    method=args.method, year=args.year)
+        # The presence index is cached next to the manifest, so the comparison reads no masks again.
+        presence = class_presence(args.root, args.split, year=args.year)
+        _print_split(path, manifest, compare_methods(presence, args.fraction, args.seed))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`deeplab-dropout-data`: exits 2 with a one-line `error:` message on bad data."""
+    status = run(argv)
+    if status:
+        sys.exit(status)
+    return status

@@ -1,6 +1,8 @@
-"""The report's figures (ΔmIoU, curves, per-image boxes, class IoU, image sheets), drawn from plain data.
+"""The report's figures: ΔmIoU vs none, validation mIoU curves, per-image mIoU boxes, the class IoU heat map
+and the image sheets of saved predictions.
 
-Callers load and aggregate; this module only draws. Every function writes one PNG and returns its Path.
+Each ``*_figure`` function draws one Figure from plain data; ``draw_figures`` shapes that data from the report's
+table rows and the runs' files, and saves each figure that has data as a PNG.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import math
 import re
 import sys
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -22,23 +25,32 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from deeplab_dropout.data.voc import IGNORE_INDEX, VOC_PALETTE  # noqa: E402
-from deeplab_dropout.metrics import SegmentationMetrics  # noqa: E402
+from deeplab_dropout.data.voc import IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE  # noqa: E402
+from deeplab_dropout.metrics import SegmentationMetrics, miou_from_counts  # noqa: E402
+from deeplab_dropout.report.tables import Records  # noqa: E402
+from deeplab_dropout.results import PREDICTIONS  # noqa: E402
+from deeplab_dropout.study import (  # noqa: E402
+    BASELINE,
+    BASELINE_COLOUR,
+    FAMILIES,
+    SCHEDULES,
+    cell_of,
+    cell_shade,
+    family,
+    family_rank,
+)
 
 DPI = 100
 SHEET_DPI = 80
 MAX_SHEET_ROWS = 30
-TYPE_ORDER = ("chandrop", "dropblock", "uout")
-SITES = ("resnet", "spp", "decoder", "upper", "all")
-# Table 2's cells, longest first so a prefix test picks the full name.
-CELLS = tuple(sorted(["none"] + [f"{s}-{t}" for t in TYPE_ORDER for s in SITES], key=len, reverse=True))
-_FAMILY_CMAP = {"chandrop": "Blues", "dropblock": "Greens", "uout": "Oranges"}
-_SCHEDULE_ORDER = ("constant", "linear")
+FILES = {"delta": "delta_vs_none.png", "curves": "curves.png", "per_image": "per_image.png",
+         "class_iou": "class_iou.png"}
 _EPOCH_PNG = re.compile(r"epoch_(\d+)\.png")
 
 
-def _save(fig: plt.Figure, out: Path, dpi: int = DPI) -> Path:
-    """Write the figure (parent folders made) and free it; matplotlib keeps open figures alive otherwise."""
+def save_figure(fig: plt.Figure, out: Path, dpi: int = DPI) -> Path:
+    """Write the figure as ``out`` (parent folders made) and free it; matplotlib keeps open figures alive
+    otherwise. Returns ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -53,38 +65,54 @@ def _finite(values: Iterable[float | None]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
-def _type_rank(kind: str) -> int:
-    """Position of a dropout type in the paper's order; unknown types after (``channel`` = chandrop)."""
-    kind = "chandrop" if kind == "channel" else kind
-    return TYPE_ORDER.index(kind) if kind in TYPE_ORDER else len(TYPE_ORDER)
-
-
 def _schedules(names: Iterable[str]) -> list[str]:
     """Unique schedule names, constant then linear then the rest in first-seen order."""
     seen = list(dict.fromkeys(names))
-    known = [s for s in _SCHEDULE_ORDER if s in seen]
+    known = [s for s in SCHEDULES if s in seen]
     return known + [s for s in seen if s not in known]
 
 
 def cell_colour(label: str, fallback_index: int = 0) -> tuple:
     """Colour of a run label: a shade of its dropout family when it starts with a Table-2 cell name."""
-    cell = next((c for c in CELLS if label.startswith(c)), None)
-    if cell == "none":
-        return (0.0, 0.0, 0.0, 1.0)
+    cell = cell_of(label)
+    if cell == BASELINE:
+        return BASELINE_COLOUR
     if cell is None:
         return plt.get_cmap("tab10")(fallback_index % 10)
-    site, kind = cell.split("-")
-    return plt.get_cmap(_FAMILY_CMAP[kind])(0.4 + 0.14 * SITES.index(site))
+    colormap, position = cell_shade(cell)
+    return plt.get_cmap(colormap)(position)
+
+
+def counted(row: dict, by_path: dict[str, dict]) -> list[dict]:
+    """The row's runs that count in its columns (completed, with a best epoch), as loaded."""
+    return [by_path[r["path"]] for r in row["runs"] if r["seed"] in row["seeds"]]
+
+
+def class_names_for(n: int) -> list[str]:
+    """VOC's class names for 21 classes, else the class indices."""
+    return list(VOC_CLASSES) if n == len(VOC_CLASSES) else [str(c) for c in range(n)]
 
 
 # ---- (a) ΔmIoU vs none -------------------------------------------------------------------------------
+
+def delta_rows(table: dict[str, list[dict]]) -> list[dict]:
+    """``delta_figure``'s rows: every regularised row of every schedule."""
+    out = []
+    for schedule, rows in table.items():
+        for row in rows:
+            vs = row["vs_none"]
+            if vs is not None:
+                out.append({"label": row["label"], "type": family(row["cell"]), "schedule": schedule,
+                            "delta": vs["delta"], "ci": vs.get("ci"), "excludes_zero": bool(vs.get("excludes_zero"))})
+    return out
+
 
 def _delta_cells(rows: list[dict]) -> list[tuple[str, str]]:
     """(label, type) on the x axis: grouped by dropout type in the paper's order, given order within."""
     kind: dict[str, str] = {}
     for r in rows:
         kind.setdefault(r["label"], r["type"])  # one x position per label, typed by its first row
-    return sorted(kind.items(), key=lambda c: _type_rank(c[1]))  # stable: given order kept per type
+    return sorted(kind.items(), key=lambda c: family_rank(c[1]))  # stable: given order kept per type
 
 
 def _draw_delta_marker(ax: plt.Axes, x: float, row: dict, colour) -> None:
@@ -96,14 +124,14 @@ def _draw_delta_marker(ax: plt.Axes, x: float, row: dict, colour) -> None:
     ax.scatter([x], [delta], s=40, facecolors=[face], edgecolors=[colour], zorder=3)
 
 
-def delta_plot(rows: list[dict], out: Path) -> Path:
+def delta_figure(rows: list[dict]) -> plt.Figure:
     """ΔmIoU vs the ``none`` cell with 95% CIs: cells grouped by type, one marker per schedule per cell."""
     if not rows:
-        raise ValueError(f"delta_plot: no rows to draw for {out}")
+        raise ValueError("delta_figure: no rows to draw")
     for i, r in enumerate(rows):
         missing = [k for k in ("label", "type", "schedule", "delta") if k not in r]
         if missing:
-            raise ValueError(f"delta_plot: row {i} ({r.get('label', '?')}) lacks {', '.join(missing)}")
+            raise ValueError(f"delta_figure: row {i} ({r.get('label', '?')}) lacks {', '.join(missing)}")
     cells = _delta_cells(rows)
     schedules = _schedules(r["schedule"] for r in rows)
     colours = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(schedules)}
@@ -126,10 +154,17 @@ def delta_plot(rows: list[dict], out: Path) -> Path:
     handles = [Line2D([], [], marker="o", ls="", color=colours[s], label=s) for s in schedules]
     handles.append(Line2D([], [], marker="o", ls="", mfc="grey", mec="grey", label="filled: CI excludes 0"))
     ax.legend(handles=handles, loc="best", fontsize="small")
-    return _save(fig, out)
+    return fig
 
 
 # ---- (b) validation mIoU curves ----------------------------------------------------------------------
+
+def val_curves(table: dict[str, list[dict]], by_path: dict[str, dict]) -> dict:
+    """{schedule: {label: [[(epoch, val mIoU), ...] per seed]}} from the runs' histories."""
+    return {schedule: {row["label"]: [[(e["epoch"], e["miou"]) for e in run["history"]
+                                       if e.get("miou") is not None] for run in counted(row, by_path)]
+                       for row in rows} for schedule, rows in table.items()}
+
 
 def _mean_curve(seeds: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
     """Epoch-wise mean over the seeds that reached each epoch (NaN/None points left out)."""
@@ -156,10 +191,10 @@ def _draw_curves(ax: plt.Axes, label: str, seeds: list, colour) -> Line2D | None
     return line
 
 
-def curves_plot(curves: dict[str, dict[str, list[list[tuple[int, float]]]]], out: Path) -> Path:
+def curves_figure(curves: dict[str, dict[str, list[list[tuple[int, float]]]]]) -> plt.Figure:
     """Validation mIoU per epoch: one subplot per schedule, one colour per cell (shades of its family)."""
     if not curves:
-        raise ValueError(f"curves_plot: no curves to draw for {out}")
+        raise ValueError("curves_figure: no curves to draw")
     schedules = _schedules(curves)
     labels = list(dict.fromkeys(lab for s in schedules for lab in curves[s]))
     colours = {lab: cell_colour(lab, i) for i, lab in enumerate(labels)}
@@ -177,10 +212,27 @@ def curves_plot(curves: dict[str, dict[str, list[list[tuple[int, float]]]]], out
     axes[0][0].set_ylabel("val mIoU")
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small")
-    return _save(fig, out)
+    return fig
 
 
 # ---- (c) per-image mIoU distributions ----------------------------------------------------------------
+
+def per_image_dists(table: dict[str, list[dict]], by_path: dict[str, dict], records: Records) -> dict:
+    """{schedule: {label: per-image mIoUs of the row's runs at their best epochs, from per_image.npz}}."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for schedule, rows in table.items():
+        out[schedule] = {}
+        for row in rows:
+            values: list[float] = []
+            for run in counted(row, by_path):
+                record = records.get(run["dir"])
+                if not isinstance(record, str):
+                    counts = torch.from_numpy(record.counts).long()
+                    values += [v for v in miou_from_counts(counts[..., 0], counts[..., 1]).tolist()
+                               if not math.isnan(v)]
+            out[schedule][row["label"]] = values
+    return out
+
 
 def _draw_boxes(ax: plt.Axes, dists: dict[str, list[float]]) -> None:
     """Box per cell, whiskers at min and max (the paper's Worst/Median/Best), mean as a triangle."""
@@ -194,10 +246,10 @@ def _draw_boxes(ax: plt.Axes, dists: dict[str, list[float]]) -> None:
     ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right")
 
 
-def per_image_plot(dists: dict[str, dict[str, list[float]]], out: Path) -> Path:
+def per_image_figure(dists: dict[str, dict[str, list[float]]]) -> plt.Figure:
     """Per-image mIoU distribution of every cell as box plots, one subplot per schedule."""
     if not dists:
-        raise ValueError(f"per_image_plot: no distributions to draw for {out}")
+        raise ValueError("per_image_figure: no distributions to draw")
     schedules = _schedules(dists)
     n_cells = max(len(dists[s]) for s in schedules)
     fig, axes = plt.subplots(1, len(schedules), figsize=(max(4.0, 0.5 * n_cells + 1.5) * len(schedules), 4.5),
@@ -208,19 +260,40 @@ def per_image_plot(dists: dict[str, dict[str, list[float]]], out: Path) -> Path:
         ax.set_title(f"schedule: {schedule}")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("per-image mIoU")
-    return _save(fig, out)
+    return fig
 
 
 # ---- (d) class IoU heat map --------------------------------------------------------------------------
 
-def class_iou_plot(rows: list[tuple[str, list[float | None]]], class_names: list[str], out: Path) -> Path:
+def class_rows(table: dict[str, list[dict]], by_path: dict[str, dict]) -> list[tuple[str, list[float | None]]]:
+    """(label, mean class IoU over the row's runs at their best epochs; None where no run has it) per experiment
+    with counted runs, each once."""
+    ious: dict[str, list[list]] = {}
+    several = len(table) > 1
+    for schedule, rows in table.items():
+        for row in rows:
+            label = row["label"] + (f" [{schedule}]" if several and not row["every_schedule"] else "")
+            runs = counted(row, by_path)
+            if runs:
+                ious.setdefault(label, [run["best"].get("class_iou") or [] for run in runs])
+    k = max((len(i) for runs in ious.values() for i in runs), default=0)
+    if k == 0:  # results.json without class_iou (hand-made or old runs): nothing to draw
+        return []
+    out = []
+    for label, runs in ious.items():
+        values = [[i[c] for i in runs if c < len(i) and i[c] is not None] for c in range(k)]
+        out.append((label, [sum(v) / len(v) if v else None for v in values]))
+    return out
+
+
+def class_iou_figure(rows: list[tuple[str, list[float | None]]], class_names: list[str]) -> plt.Figure:
     """Heat map of per-class IoU, cells × classes, colour bar 0..1, None drawn grey."""
     if not rows:
-        raise ValueError(f"class_iou_plot: no rows to draw for {out}")
+        raise ValueError("class_iou_figure: no rows to draw")
     k = len(class_names)
     for label, values in rows:
         if len(values) != k:
-            raise ValueError(f"class_iou_plot: row {label!r} has {len(values)} values, expected {k} classes")
+            raise ValueError(f"class_iou_figure: row {label!r} has {len(values)} values, expected {k} classes")
     grid = np.array([[math.nan if v is None else float(v) for v in values] for _, values in rows])
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     fig, ax = plt.subplots(figsize=(0.5 * k + 3.0, 0.32 * len(rows) + 2.2), layout="constrained")
@@ -233,10 +306,21 @@ def class_iou_plot(rows: list[tuple[str, list[float | None]]], class_names: list
     ax.set_xticks(range(k), class_names, rotation=60, ha="right")
     ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     fig.colorbar(image, ax=ax, label="IoU")
-    return _save(fig, out)
+    return fig
 
 
-# ---- (5) image sheets --------------------------------------------------------------------------------
+# ---- (e) image sheets --------------------------------------------------------------------------------
+
+def sheet_runs(table: dict[str, list[dict]], schedule: str, kind: str, by_path: dict[str, dict]) -> list:
+    """(label, run dir) for a sheet: `none` and each ``kind`` row under ``schedule``, its lowest seed's run."""
+    chosen = []
+    for row in table[schedule]:
+        runs = counted(row, by_path)
+        if runs and (row["cell"] == BASELINE or family(row["cell"]) == kind):
+            run = min(runs, key=lambda r: r["config"]["seed"])
+            chosen.append((f"{row['label']} (seed {run['config']['seed']})", Path(run["dir"])))
+    return chosen
+
 
 def _read_json(path: Path) -> dict:
     """A JSON object from ``path``, or a one-line ValueError naming the file."""
@@ -329,7 +413,7 @@ def _run_heading(label: str, run_dir: Path, best: int) -> str:
 
 def _run_rows(label: str, run_dir: Path, num_classes: int) -> list[tuple[str, list[tuple]]] | None:
     """(heading, panels) rows of one run, or None (with a warning on stderr) when it saved no predictions."""
-    pred_dir = Path(run_dir) / "predictions"
+    pred_dir = Path(run_dir) / PREDICTIONS
     index_path = pred_dir / "index.json"
     if not index_path.is_file():
         print(f"warning: image sheet skips {label!r}: no {index_path}", file=sys.stderr)
@@ -361,7 +445,7 @@ def _class_legend(rows: list[tuple[str, list[tuple]]], class_names: list[str]) -
     return [Patch(facecolor=palette[c], edgecolor="grey", label=names[c]) for c in sorted(present)]
 
 
-def _draw_sheet(rows: list[tuple[str, list[tuple]]], class_names: list[str], out: Path) -> Path:
+def _draw_sheet(rows: list[tuple[str, list[tuple]]], class_names: list[str]) -> plt.Figure:
     """Grid of panels, one row per entry, run heading on the left, class legend below."""
     ncols = max(len(panels) for _, panels in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(2.0 * ncols + 0.8, 2.2 * len(rows) + 0.9),
@@ -379,10 +463,10 @@ def _draw_sheet(rows: list[tuple[str, list[tuple]]], class_names: list[str], out
         axes[r][0].set_ylabel(heading, fontsize=7)
     legend = _class_legend(rows, class_names)
     fig.legend(handles=legend, loc="outside lower center", ncol=min(len(legend), 8), fontsize="small")
-    return _save(fig, out, dpi=SHEET_DPI)
+    return fig
 
 
-def image_sheet(runs: list[tuple[str, Path]], out: Path, class_names: list[str]) -> Path:
+def sheet_figure(runs: list[tuple[str, Path]], class_names: list[str]) -> plt.Figure:
     """Paper-style sheet from runs' ``predictions/``: fixed images at first/middle/best epoch, best and worst."""
     rows: list[tuple[str, list[tuple]]] = []
     for label, run_dir in runs:
@@ -390,8 +474,35 @@ def image_sheet(runs: list[tuple[str, Path]], out: Path, class_names: list[str])
         if run_rows is not None:
             rows.extend(run_rows)
     if not rows:
-        raise ValueError(f"image_sheet: none of {len(runs)} run(s) has predictions/index.json with images")
+        raise ValueError(f"sheet_figure: none of {len(runs)} run(s) has predictions/index.json with images")
     if len(rows) > MAX_SHEET_ROWS:  # keep the PNG a size a report can embed
         print(f"warning: image sheet shows the first {MAX_SHEET_ROWS} of {len(rows)} rows", file=sys.stderr)
         rows = rows[:MAX_SHEET_ROWS]
-    return _draw_sheet(rows, class_names, out)
+    return _draw_sheet(rows, class_names)
+
+
+# ---- all of them -------------------------------------------------------------------------------------
+
+def draw_figures(root: Path, table: dict[str, list[dict]], runs: list[dict], records: Records,
+                 sheets: Iterable[str] = FAMILIES[:1]) -> list[Path]:
+    """Draw the four plots (each one that has data) and the image sheets of ``sheets`` (dropout families) into
+    ``root``; returns the files written. A sheet none of whose runs saved predictions is left out."""
+    by_path = {r["path"]: r for r in runs}
+    rows = class_rows(table, by_path)
+    names = class_names_for(max((len(v) for _, v in rows), default=len(VOC_CLASSES)))
+    dists = per_image_dists(table, by_path, records)
+    plans = [(FILES["delta"], delta_rows(table), delta_figure),
+             (FILES["curves"], val_curves(table, by_path), curves_figure),
+             (FILES["per_image"], dists if any(v for d in dists.values() for v in d.values()) else {},
+              per_image_figure),
+             (FILES["class_iou"], rows, partial(class_iou_figure, class_names=names))]
+    drawn = [save_figure(draw(data), root / name) for name, data, draw in plans if data]
+    for kind in sheets:
+        for schedule in table:
+            chosen = sheet_runs(table, schedule, kind, by_path)
+            if not any(family(label.split(" ")[0]) == kind for label, _ in chosen) or not any(
+                    (run_dir / PREDICTIONS / "index.json").is_file() for _, run_dir in chosen):
+                continue  # no run of that family here, or none saved predictions (older runs)
+            drawn.append(save_figure(sheet_figure(chosen, names), root / f"sheet_{kind}_{schedule}.png",
+                                     dpi=SHEET_DPI))
+    return drawn

@@ -1,13 +1,15 @@
-"""`deeplab-dropout-report DIR`: every run's results.json under DIR as the paper's Table 3/4, per schedule.
+"""The report's tables: every run's results.json grouped into experiments, one row per experiment and schedule
+(mean and 95% t-interval over its seeds), compared with `none` and with the constant schedule, and written as
+report.md, report.csv and report.json.
 
 Rows are experiments: the runs whose resolved configs differ only in seed (and in keys that don't change
-what is computed). A row shows each column's mean and 95% t-interval over the seeds of that one
-experiment; two runs of one experiment with the same seed count once. A run without a regulariser
+what is computed). Two runs of one experiment with the same seed count once. A run without a regulariser
 (`none`, `pretrained-base`) is the same experiment under every schedule, so it is shown in every table.
+`none` for a row is the experiment that differs only in the regulariser groups (dropout, placement,
+schedule): same model, data, optimiser and trainer, so ΔmIoU is the regulariser's alone.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -19,19 +21,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-
-from deeplab_dropout.compare import BASELINE, CONSTANT, Records, ramp_better, strip_groups, vs_none
 from deeplab_dropout.config import one_line
-from deeplab_dropout.figures import SHEET_TYPES, draw_figures
-from deeplab_dropout.results import BEST, atomic_write, write_json
+from deeplab_dropout.report.stats import mean_ci, paired_bootstrap
+from deeplab_dropout.results import BEST, PER_IMAGE, atomic_write, read_per_image, write_json
 from deeplab_dropout.saved_config import REGULARISER_GROUPS, experiment_config, experiment_key
-from deeplab_dropout.stats import mean_ci
-from deeplab_dropout.study import UNREGULARISED
+from deeplab_dropout.study import BASELINE, CONSTANT, PRETRAINED_BASE, TABLE_ORDER, UNREGULARISED
 
-TABLE2_ORDER = ["pretrained-base", "none"] + [
-    f"{where}-{kind}" for kind in ("chandrop", "dropblock", "uout")
-    for where in ("resnet", "spp", "decoder", "upper", "all")]
 # Column key in report.json -> the paper's column name (Table 3/4), then ours.
 COLUMNS = {"mean": "Mean mIoU", "std": "Std.", "min": "Worst mIoU", "median": "Med. mIoU", "max": "Best mIoU",
            "val_loss": "Loss", "miou": "mIoU (dataset)", "pixel_acc": "Pixel accuracy", "best_epoch": "Best epoch"}
@@ -39,13 +34,18 @@ COLUMNS = {"mean": "Mean mIoU", "std": "Std.", "min": "Worst mIoU", "median": "M
 # report's table (pixel accuracy and IoU at each run's best epoch).
 COLUMN_SETS = {"paper": ("mean", "std", "min", "median", "max", "val_loss", "miou", "best_epoch"),
                "course": ("pixel_acc", "miou", "val_loss", "best_epoch")}
-PER_IMAGE = ("mean", "std", "min", "median", "max")
+PER_IMAGE_COLUMNS = ("mean", "std", "min", "median", "max")
+# Columns where the ramp can be "better than without scheduling" (Table 4's bold), and which way is better.
+HIGHER_IS_BETTER = {"mean": True, "min": True, "median": True, "max": True, "miou": True, "pixel_acc": True,
+                    "val_loss": False}
 MARK = "†"
 DELTA, UP, DOWN = "ΔmIoU vs none [95% CI]", "▲", "▼"
 FOOTNOTE = f"{MARK} the same run(s) in every table: without a regulariser the schedule changes nothing"
 ABSENT = "(unset)"
 MAX_LABEL_KEYS = 3  # a row label lists at most this many distinguishing keys (else its sweep folder)
 
+
+# ---- loading runs ------------------------------------------------------------------------------------
 
 def _under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
@@ -72,7 +72,7 @@ def check_run(data: Any) -> str | None:
     if best is None:
         return None
     per_image = best.get("per_image_miou") if isinstance(best, dict) else None
-    if not isinstance(per_image, dict) or not all(_number(per_image.get(k, "")) for k in PER_IMAGE):
+    if not isinstance(per_image, dict) or not all(_number(per_image.get(k, "")) for k in PER_IMAGE_COLUMNS):
         return "best.per_image_miou is missing or not numbers"
     scalars = (best.get("miou", ""), best.get("val_loss", ""), data.get("best_epoch", ""))
     if not all(_number(v) for v in scalars):
@@ -118,11 +118,13 @@ def best_values(run: dict) -> dict[str, float | None] | None:
     best = run.get("best")
     if run["status"] != "completed" or best is None:
         return None
-    values = {**{k: best["per_image_miou"][k] for k in PER_IMAGE}, "val_loss": best["val_loss"],
+    values = {**{k: best["per_image_miou"][k] for k in PER_IMAGE_COLUMNS}, "val_loss": best["val_loss"],
               "miou": best["miou"], "pixel_acc": best.get("pixel_acc"), "best_epoch": run["best_epoch"]}
     # An undefined metric (NaN, written as null) is left out of that column, not averaged in.
     return {k: v if v is not None and math.isfinite(v) else None for k, v in values.items()}
 
+
+# ---- experiments and rows ----------------------------------------------------------------------------
 
 def group_experiments(runs: Iterable[dict]) -> dict[str, dict]:
     """{experiment key: {cell, config, schedules, runs, duplicates}}: one run per seed, others duplicates."""
@@ -172,7 +174,7 @@ def report_wide_keys(experiments: dict[str, dict]) -> dict[bool, set[str]]:
                                 lambda k: outside(k) and not _under(k, ("model",)))
     wide = {}
     for family in (True, False):
-        configs = [e["config"] for e in experiments.values() if (e["cell"] == "pretrained-base") == family]
+        configs = [e["config"] for e in experiments.values() if (e["cell"] == PRETRAINED_BASE) == family]
         wide[family] = everywhere | differing_keys(configs, lambda k: outside(k) and _under(k, ("model",)))
     return wide
 
@@ -221,12 +223,79 @@ def make_row(exp: dict, keys: set[str], every_schedule: bool) -> dict:
 
 def _order(row: dict) -> tuple[int, str]:
     cell = row["cell"]
-    return (TABLE2_ORDER.index(cell) if cell in TABLE2_ORDER else len(TABLE2_ORDER), row["label"])
+    return (TABLE_ORDER.index(cell) if cell in TABLE_ORDER else len(TABLE_ORDER), row["label"])
 
 
 def counted_runs(exp: dict) -> list[dict]:
     """The runs of an experiment that count in the table: completed, with a best epoch."""
     return [r for r in exp["runs"] if best_values(r) is not None]
+
+
+# ---- comparisons: Δ vs none, the ramp vs the constant schedule ---------------------------------------
+
+def strip_groups(config: dict, groups: tuple[str, ...]) -> dict:
+    """``config`` (flat) without the keys under ``groups``."""
+    return {k: v for k, v in config.items() if not _under(k, groups)}
+
+
+class Records:
+    """Per-image records of run directories, each read once; a missing or bad one is remembered as a reason."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, object] = {}
+
+    def get(self, run_dir: str | Path):
+        """The run's PerImage, or a one-line reason (str) why there is none."""
+        key = str(run_dir)
+        if key not in self._cache:
+            path = Path(run_dir) / PER_IMAGE
+            try:
+                self._cache[key] = read_per_image(path) if path.is_file() else f"no {PER_IMAGE} in {run_dir}"
+            except (OSError, ValueError) as e:
+                self._cache[key] = f"{path}: {e}"
+        return self._cache[key]
+
+    def by_seed(self, runs: list[dict]) -> tuple[dict, list[str]]:
+        """{seed: PerImage} of the runs that have a record, and the reasons for those that don't."""
+        found, missing = {}, []
+        for run in runs:
+            record = self.get(run["dir"])
+            if isinstance(record, str):
+                missing.append(record)
+            else:
+                found[run["config"]["seed"]] = record
+        return found, missing
+
+
+def vs_none(cell_runs: list[dict], base_runs: list[dict] | None, records: Records, n_boot: int,
+            seed: int) -> dict:
+    """ΔmIoU (dataset mIoU) of ``cell_runs`` against ``base_runs`` (the `none` runs), paired by seed and image:
+    the bootstrap's result, or ``{"delta": None, "reason": ...}`` when it cannot be computed."""
+    if base_runs is None:
+        return {"delta": None, "reason": f"no '{BASELINE}' run of the same experiment"}
+    cell, cell_missing = records.by_seed(cell_runs)
+    base, base_missing = records.by_seed(base_runs)
+    if not cell or not base:
+        reasons = cell_missing + base_missing
+        return {"delta": None, "reason": reasons[0] if reasons else "no completed runs"}
+    try:
+        return paired_bootstrap(cell, base, n_boot=n_boot, seed=seed)
+    except ValueError as e:
+        return {"delta": None, "reason": str(e)}
+
+
+def ramp_better(row: dict, constant_row: dict | None) -> list[str]:
+    """The columns in which ``row`` (a ramped schedule) beats the same experiment under the constant schedule."""
+    if constant_row is None:
+        return []
+    better = []
+    for column, higher in HIGHER_IS_BETTER.items():
+        mine, theirs = row["columns"][column][0], constant_row["columns"][column][0]
+        if mine is None or theirs is None or not (math.isfinite(mine) and math.isfinite(theirs)):
+            continue
+        if (mine > theirs) if higher else (mine < theirs):
+            better.append(column)
+    return better
 
 
 def baseline_key(key: str, keys: list[str], experiments: dict[str, dict]) -> str | None:
@@ -278,11 +347,13 @@ def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0,
         for key in keys:
             exp = experiments[key]
             same_cell = [experiments[k]["config"] for k in keys if experiments[k]["cell"] == exp["cell"]]
-            distinguishing = differing_keys(same_cell) | wide[exp["cell"] == "pretrained-base"]
+            distinguishing = differing_keys(same_cell) | wide[exp["cell"] == PRETRAINED_BASE]
             tables[schedule][key] = make_row(exp, distinguishing, every_schedule=exp["cell"] in UNREGULARISED)
     compare(tables, experiments, n_boot, boot_seed, records or Records())
     return {schedule: sorted(rows.values(), key=_order) for schedule, rows in tables.items()}
 
+
+# ---- report.md, report.csv, report.json --------------------------------------------------------------
 
 def _cell_text(column: str, mean: float | None, ci: float | None) -> str:
     if mean is None:
@@ -415,91 +486,17 @@ HEADER = ("Best epoch of each run (by its monitor). ± is a 95% t-interval over 
           "valid pixels.")
 
 
-def report(root: Path, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = ("chandrop",),
-           figures: bool = True, columns: str = "paper") -> str:
-    """Build the report of ``root``; write report.md (the column set ``columns``), report.csv, report.json and
-    (``figures``) the plots and image sheets there; return the markdown text."""
-    if columns not in COLUMN_SETS:
-        raise ValueError(f"columns={columns!r} is invalid: expected one of {', '.join(COLUMN_SETS)}")
-    root = Path(root)
-    unusable: list[dict] = []
-    runs = load_runs(root, unusable)
-    if not runs:
-        raise FileNotFoundError(f"no usable results.json under {root} (see the warnings)" if unusable
-                                else f"no results.json under {root}")
-    records = Records()  # each per_image.npz read once, for the bootstrap and the plots
-    table = summarize(runs, n_boot, boot_seed, records)
-    missing = not_counted(table, unusable)
-    drawn = draw_figures(root, table, runs, records, sheets) if figures else []
+
+
+def write_report(root: Path, table: dict[str, list[dict]], missing: list[dict], figures: list[Path],
+                 columns: str, bootstrap: dict) -> str:
+    """Write report.md (the column set ``columns``, the figures linked), report.csv and report.json into
+    ``root``; return the markdown text."""
     text = (f"# deeplab-dropout report: {root}\n\n{HEADER}\n\n" + format_table(table, columns)
             + format_not_counted(missing)
-            + "".join(f"\n![{p.stem}]({p.name})\n" for p in drawn))
+            + "".join(f"\n![{p.stem}]({p.name})\n" for p in figures))
     atomic_write(root / "report.md", lambda f: f.write(text.encode()))
     write_csv(root / "report.csv", csv_rows(table))
-    write_json(root / "report.json", {"tables": table, "not_counted": missing, "figures": [p.name for p in drawn],
-                                      "bootstrap": {"n_boot": n_boot, "seed": boot_seed, "level": 0.95}})
+    write_json(root / "report.json", {"tables": table, "not_counted": missing, "figures": [p.name for p in figures],
+                                      "bootstrap": bootstrap})
     return text
-
-
-class ReportCallback(Callback):
-    """At the end of a multirun: write and print the report (``hydra.callbacks.report.*`` are ``report``'s
-    arguments) and say where to point TensorBoard."""
-
-    def __init__(self, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = SHEET_TYPES[:1],
-                 figures: bool = True, columns: str = "paper") -> None:
-        checks = [(f"sheets={list(sheets)}", all(kind in SHEET_TYPES for kind in sheets),
-                   f"types among {', '.join(SHEET_TYPES)}"), (f"n_boot={n_boot}", n_boot >= 1, "at least 1"),
-                  (f"columns={columns!r}", columns in COLUMN_SETS, f"one of {', '.join(COLUMN_SETS)}")]
-        for value, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"hydra.callbacks.report: {value} is invalid: expected {expected}")
-        self.options = {"n_boot": n_boot, "boot_seed": boot_seed, "sheets": list(sheets), "figures": figures,
-                        "columns": columns}
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            print(report(sweep_dir, **self.options))
-        except FileNotFoundError:
-            return
-        print(f"results: {sweep_dir}/*/results.json  report: {sweep_dir / 'report.md'} (.csv, .json, *.png)")
-        print(f"tensorboard --logdir {sweep_dir}")
-
-
-DESCRIPTION = """Read every run's results.json (and per_image.npz, predictions/) under DIR, searched
-recursively, and write the study's tables there: report.md (the paper's Table 3/4 per schedule, ΔmIoU vs
-`none` with a paired bootstrap CI, the ramp's bold), report.csv (one row per experiment × schedule, every
-column), report.json (the same, nested), and the plots: delta_vs_none.png, curves.png, per_image.png,
-class_iou.png, and image sheets sheet_<type>_<schedule>.png. Prints report.md."""
-EPILOG = """examples:
-  deeplab-dropout-report outputs/demo
-  deeplab-dropout-report multirun/2026-11-29/10-00-00 --n-boot 10000 --sheets chandrop dropblock uout"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point."""
-    parser = argparse.ArgumentParser(prog="deeplab-dropout-report", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", type=Path, help="a run or sweep directory (searched recursively)")
-    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for ΔmIoU (default 2000)")
-    parser.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap (default 0)")
-    parser.add_argument("--sheets", nargs="*", default=["chandrop"], choices=SHEET_TYPES, metavar="TYPE",
-                        help=f"image sheets for these dropout types ({', '.join(SHEET_TYPES)}; default chandrop)")
-    parser.add_argument("--no-figures", action="store_true", help="write the tables only")
-    parser.add_argument("--columns", choices=list(COLUMN_SETS), default="paper",
-                        help="report.md's columns: paper (Table 3/4, default) | course (the VOC 2007 course "
-                        "report's: pixel accuracy, mIoU); report.csv/json hold every column")
-    args = parser.parse_args(argv)
-    if args.n_boot < 1:
-        parser.error(f"--n-boot={args.n_boot} is invalid: must be at least 1")
-    try:
-        print(report(args.dir, args.n_boot, args.boot_seed, args.sheets, figures=not args.no_figures,
-                     columns=args.columns))
-    except (FileNotFoundError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,6 @@
-"""Console entry points around Hydra apps: a mistyped override (group option, key, syntax) prints one line,
-``error: ...``, and exits 2, instead of Hydra's multi-line report.
+"""The one wrapper around every command: bad input (a mistyped override, a config value, the data, a run
+directory, a file) prints one line, ``error: ...``, and exits 2; in a multirun job it is recorded in the
+job's results.json and the sweep goes on. Anything else keeps its traceback.
 
 Hydra's ``run_and_report`` prints its own report and exits 1 unless ``HYDRA_FULL_ERROR=1`` (documented at
 https://hydra.cc/docs/tutorials/basic/running_your_app/debugging/); with it set, the exception reaches
@@ -8,20 +9,74 @@ overrides, composed the config or made the run dir) and re-raises the rest.
 """
 from __future__ import annotations
 
+import functools
 import inspect
-import json
 import os
 import sys
-import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from deeplab_dropout.config import ConfigError, one_line
+from deeplab_dropout.data.voc import DatasetError
+from deeplab_dropout.rundir import RunDir
+
 EXIT_INPUT = 2  # the exit status of every input error (config, data, run dir)
+# What is wrong with the input rather than the code, when raised while a command sets up: the config
+# (weights included), the data, a file.
+INPUT_ERRORS = (ConfigError, DatasetError, OSError)
+
+
+class InputError(Exception):
+    """Something wrong with the config, data, weights or run dir, found during set-up (one-line message)."""
+
+
+@contextmanager
+def input_errors() -> Iterator[None]:
+    """Turn the INPUT_ERRORS raised inside into a one-line InputError (wrap set-up code, not training)."""
+    try:
+        yield
+    except INPUT_ERRORS as e:
+        raise InputError(one_line(e)) from e
+
+
+def run_job(job: Callable[[DictConfig, RunDir], Any], cfg: DictConfig) -> Any:
+    """Call ``job(cfg, run_dir)`` in the Hydra run dir (from a Hydra app's task function). Bad input prints
+    one line, ``error: ...``; a single run then exits 2 (results.json, if any, already says "failed"); a
+    multirun job records the error in its results.json and re-raises, so Hydra marks that job FAILED and the
+    sweep goes on."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = RunDir(Path(hydra_cfg.runtime.output_dir))
+    try:
+        return job(cfg, run_dir)
+    except (InputError, DatasetError) as e:
+        message = one_line(e)
+        print(f"error: {message}", file=sys.stderr)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            sys.exit(EXIT_INPUT)
+        run_dir.record_failure(cfg, message)
+        raise
+
+
+def command(main: Callable[..., int | None]) -> Callable[..., int]:
+    """An argparse command's ``main``: an input error (InputError, or INPUT_ERRORS) prints one line and
+    returns 2."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except (InputError, *INPUT_ERRORS) as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return EXIT_INPUT
+    return wrapped
 
 
 def _first_line(text: str) -> str:
@@ -74,44 +129,3 @@ def run_app(app: Callable[[], object]) -> object:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
-
-
-def _or_none(compute: Callable[[], object]) -> object:
-    try:
-        return compute()
-    except Exception:  # a config too broken to say more: the error line still says what went wrong
-        return None
-
-
-def _same_run(data: dict, cfg: DictConfig) -> bool:
-    """Whether results.json ``data`` is of this config's run (as resuming decides it)."""
-    from deeplab_dropout.saved_config import check_resumable
-
-    try:
-        check_resumable(data.get("config") or {}, OmegaConf.to_container(cfg, resolve=True), Path())
-    except (ValueError, OmegaConfBaseException):  # another config (ConfigError), or one that does not resolve
-        return False
-    return True
-
-
-def record_failure(path: Path, cfg: DictConfig, message: str) -> None:
-    """Mark results.json at ``path`` failed with ``message``, writing a minimal one if set-up failed before
-    there was one. A completed run's results.json is never touched."""
-    from deeplab_dropout.results import write_json
-    from deeplab_dropout.study import cell_name
-
-    path = Path(path)
-    if path.exists():
-        data = _or_none(lambda: json.loads(path.read_text()))
-        # Never a completed run's, nor another config's (the refusal that brought us here protects it).
-        if not isinstance(data, dict) or data.get("status") == "completed" or not _same_run(data, cfg):
-            return
-    else:
-        config = _or_none(lambda: OmegaConf.to_container(cfg, resolve=True)) or _or_none(
-            lambda: OmegaConf.to_container(cfg, resolve=False))
-        data = {"cell": _or_none(lambda: cell_name(cfg)), "config": config}
-    data.update(status="failed", error=message, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    try:
-        write_json(path, data)
-    except OSError:  # e.g. an unwritable run dir: the error line on stderr is all there is
-        pass

@@ -1,0 +1,99 @@
+"""`deeplab-dropout-report DIR`: every run's results.json under DIR as the paper's Table 3/4, per schedule, with
+its figures (``tables``: rows and files, ``stats``: intervals and the bootstrap, ``figures``: the plots)."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from deeplab_dropout.cli import command
+from deeplab_dropout.report.figures import draw_figures
+from deeplab_dropout.report.tables import (
+    COLUMN_SETS,
+    Records,
+    load_runs,
+    not_counted,
+    summarize,
+    write_report,
+)
+from deeplab_dropout.study import FAMILIES
+
+__all__ = ["ReportCallback", "load_runs", "main", "report", "summarize"]
+
+
+def report(root: Path, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = FAMILIES[:1],
+           figures: bool = True, columns: str = "paper") -> str:
+    """Build the report of ``root``; write report.md (the column set ``columns``), report.csv, report.json and
+    (``figures``) the plots and image sheets there; return the markdown text."""
+    if columns not in COLUMN_SETS:
+        raise ValueError(f"columns={columns!r} is invalid: expected one of {', '.join(COLUMN_SETS)}")
+    root = Path(root)
+    unusable: list[dict] = []
+    runs = load_runs(root, unusable)
+    if not runs:
+        raise FileNotFoundError(f"no usable results.json under {root} (see the warnings)" if unusable
+                                else f"no results.json under {root}")
+    records = Records()  # each per_image.npz read once, for the bootstrap and the plots
+    table = summarize(runs, n_boot, boot_seed, records)
+    drawn = draw_figures(root, table, runs, records, sheets) if figures else []
+    return write_report(root, table, not_counted(table, unusable), drawn, columns,
+                        {"n_boot": n_boot, "seed": boot_seed, "level": 0.95})
+
+
+class ReportCallback(Callback):
+    """At the end of a multirun: write and print the report (``hydra.callbacks.report.*`` are ``report``'s
+    arguments) and say where to point TensorBoard."""
+
+    def __init__(self, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = FAMILIES[:1],
+                 figures: bool = True, columns: str = "paper") -> None:
+        checks = [(f"sheets={list(sheets)}", all(kind in FAMILIES for kind in sheets),
+                   f"types among {', '.join(FAMILIES)}"), (f"n_boot={n_boot}", n_boot >= 1, "at least 1"),
+                  (f"columns={columns!r}", columns in COLUMN_SETS, f"one of {', '.join(COLUMN_SETS)}")]
+        for value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"hydra.callbacks.report: {value} is invalid: expected {expected}")
+        self.options = {"n_boot": n_boot, "boot_seed": boot_seed, "sheets": list(sheets), "figures": figures,
+                        "columns": columns}
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            print(report(sweep_dir, **self.options))
+        except FileNotFoundError:
+            return
+        print(f"results: {sweep_dir}/*/results.json  report: {sweep_dir / 'report.md'} (.csv, .json, *.png)")
+        print(f"tensorboard --logdir {sweep_dir}")
+
+
+DESCRIPTION = """Read every run's results.json (and per_image.npz, predictions/) under DIR, searched
+recursively, and write the study's tables there: report.md (the paper's Table 3/4 per schedule, ΔmIoU vs
+`none` with a paired bootstrap CI, the ramp's bold), report.csv (one row per experiment × schedule, every
+column), report.json (the same, nested), and the plots: delta_vs_none.png, curves.png, per_image.png,
+class_iou.png, and image sheets sheet_<type>_<schedule>.png. Prints report.md."""
+EPILOG = f"""examples:
+  deeplab-dropout-report outputs/demo
+  deeplab-dropout-report multirun/2026-11-29/10-00-00 --n-boot 10000 --sheets {" ".join(FAMILIES)}"""
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    """`deeplab-dropout-report`: an unreadable DIR or file is one line and exit 2."""
+    parser = argparse.ArgumentParser(prog="deeplab-dropout-report", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", type=Path, help="a run or sweep directory (searched recursively)")
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for ΔmIoU (default 2000)")
+    parser.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument("--sheets", nargs="*", default=[FAMILIES[0]], choices=FAMILIES, metavar="TYPE",
+                        help=f"image sheets for these dropout types ({', '.join(FAMILIES)}; default {FAMILIES[0]})")
+    parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--columns", choices=list(COLUMN_SETS), default="paper",
+                        help="report.md's columns: paper (Table 3/4, default) | course (the VOC 2007 course "
+                        "report's: pixel accuracy, mIoU); report.csv/json hold every column")
+    args = parser.parse_args(argv)
+    if args.n_boot < 1:
+        parser.error(f"--n-boot={args.n_boot} is invalid: must be at least 1")
+    print(report(args.dir, args.n_boot, args.boot_seed, args.sheets, figures=not args.no_figures,
+                 columns=args.columns))
+    return 0
