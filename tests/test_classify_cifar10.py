@@ -75,6 +75,7 @@ def test_generated_set_reads_as_torchvision_cifar10(tmp_path):
     assert len(cifar.UnverifiedCIFAR10(root=str(root), train=False)) == 3
 
 
+@pytest.mark.slow
 def test_one_epoch_end_to_end_beats_chance(tmp_path):
     """--epochs 1 on the first 500 of 550 generated training images (--limit-train) and 200 of 220 test
     images: exit 0, one line per epoch, test accuracy well above 1/10, and the recorded p is the ramp's value

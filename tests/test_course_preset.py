@@ -98,6 +98,7 @@ def test_other_runs_configs_gain_no_key():
         assert "recipe" not in cfg and "course" not in OmegaConf.to_yaml(cfg)
 
 
+@pytest.mark.slow
 def test_smoke_sweep_completes_every_recipe(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("experiment=voc2007_course_smoke", f"data.root={tmp_path / 'voc'}", f"hydra.sweep.dir={sweep}",

@@ -93,6 +93,7 @@ def test_missing_checkpoint_is_an_input_error(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint not found")
 
 
+@pytest.mark.slow
 def test_eval_takes_a_sweep_run_dir_as_its_first_argument(voc_root, tmp_path):
     """The path as the runner wrote it (``=`` and ``,`` in a sweep folder's name), unescaped."""
     run_dir = tmp_path / "sweep" / "cell=none,schedule=constant"

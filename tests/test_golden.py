@@ -58,6 +58,7 @@ def close(new, old, path: str, exact: bool) -> list[str]:
     return [] if new == old else [f"{path}: {old!r} -> {new!r}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_golden_run_gives_the_recorded_numbers(name, tmp_path):
     exact = cpu_capability() == RECORDED["cpu_capability"]

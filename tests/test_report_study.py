@@ -20,6 +20,8 @@ from deeplab_dropout.report.tables import COLUMN_SETS, COLUMNS
 from deeplab_dropout.results import PER_IMAGE, read_per_image
 from deeplab_dropout.train import run
 
+pytestmark = pytest.mark.slow  # a 16-run sweep fixture
+
 CELLS = ("none", "all-chandrop", "spp-dropblock", "decoder-uout")
 SCHEDULES = ("constant", "linear")
 SEEDS = (0, 1)

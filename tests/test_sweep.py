@@ -70,32 +70,3 @@ def test_a_job_calling_sys_exit_fails_alone():
         SweepTask(task)({"code": 2})  # outside a multirun: no GPU is claimed
     with pytest.raises(SystemExit):
         SweepTask(task)({"code": 0})  # a clean exit stays one
-
-
-def test_each_job_config_is_composed_once_for_the_sweeper_and_the_launcher(monkeypatch):
-    import pickle
-
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
-    from omegaconf import OmegaConf
-
-    from deeplab_dropout.config import CONF_DIR
-    from hydra_plugins.deeplab_dropout_sweeper.study_sweeper import ComposeOnceLoader
-
-    calls = []
-
-    def compose(self, master, overrides):
-        calls.append(list(overrides))
-        return OmegaConf.create({"overrides": list(overrides), "n": len(calls)})
-
-    monkeypatch.setattr(ConfigLoaderImpl, "load_sweep_config", compose)
-    loader = ComposeOnceLoader.wrap(ConfigLoaderImpl(create_config_search_path(str(CONF_DIR))))
-    master = OmegaConf.create({})
-    first = loader.load_sweep_config(master, ["cell=none"])      # the sweeper's call: composed
-    second = loader.load_sweep_config(master, ["cell=none"])     # the launcher's: the same config, not composed
-    assert calls == [["cell=none"]] and first == second and first is not second
-    first.n = 99  # the sweeper's copy is its own
-    assert second.n == 1
-    assert loader.load_sweep_config(master, ["cell=none"]).n == 2  # a third call composes again
-    assert pickle.loads(pickle.dumps(loader)).config_search_path is not None  # remote launchers pickle it
-    assert ComposeOnceLoader.wrap("other") == "other"

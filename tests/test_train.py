@@ -99,6 +99,7 @@ def test_single_run_leaves_results_tensorboard_checkpoints(voc_root, tmp_path):
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_whatever_the_workers_other_seed_differs(voc_root, tmp_path):
     # Each sample's augmentation derives from (seed, epoch, index), not from the worker that loads it, and
     # the shuffle order from the loader's generator, reseeded every epoch (hence two epochs).
@@ -135,6 +136,7 @@ def test_resume_free_keys_are_config_keys():
     assert all(OmegaConf.select(cfg, key, default="<absent>") != "<absent>" for key in resume_free_keys())
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_matches_uninterrupted(voc_root, tmp_path):
     overrides = ("cell=spp-uout", "schedule=linear", "schedule.ramp_epochs=2", "trainer.epochs=3",
                  "trainer.keep_last=true", "trainer.checkpoint_every=1")
@@ -178,6 +180,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_multirun_trains_each_distinct_run_once_and_ends_with_the_report(voc_root, tmp_path):
     # The whole paper matrix's 31 of 32 jobs is tests/test_sweep.py's composition check; here the same rule end
     # to end on 2 cells x 2 schedules. The shrinking goes in an experiment preset (as a user would), so the
@@ -223,6 +226,7 @@ def constant_background_miou(val_ds) -> float:
     return metrics.compute()["miou"]
 
 
+@pytest.mark.slow
 def test_demo_none_cell_learns(tmp_path):
     # Exactly the demo's configuration (generated data, ResNet-18, its epochs), cell `none`.
     cfg = compose_cfg(["experiment=demo", "cell=none", f"data.root={tmp_path / 'synth'}"])
