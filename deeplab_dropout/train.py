@@ -139,16 +139,13 @@ def set_up(cfg: DictConfig, run_dir: RunDir) -> Run:
     return run
 
 
-def history_entry(epoch: int, stats: EpochStats, ev: Evaluation | None, seconds: float, profile: bool) -> dict:
+def history_entry(epoch: int, stats: EpochStats, ev: Evaluation | None, seconds: float) -> dict:
     """Epoch ``epoch``'s (0-based) results.json entry; the val metrics only if it was evaluated."""
     entry = {"epoch": epoch + 1, "train_loss": stats.train_loss}
     if ev is not None:
         entry.update(ev.metrics)
     entry.update(lr=stats.lr, lr_head=stats.lr_head, drop_p=stats.drop_p, iteration=stats.iteration,
                  seconds=seconds, data_seconds=stats.data_seconds, eval_seconds=ev.seconds if ev is not None else 0.0)
-    if profile:  # where the epoch's time went: data + steps + evaluation + the rest (bookkeeping)
-        busy = stats.data_seconds + stats.step_seconds + entry["eval_seconds"]
-        entry.update(step_seconds=stats.step_seconds, bookkeeping_seconds=max(0.0, seconds - busy))
     return entry
 
 
@@ -197,7 +194,7 @@ def train_epochs(run: Run, tb: TBLogger) -> int | None:
             ev = evaluate(run.model, run.val_loader, run.runtime, run.criterion,
                           num_classes=cfg.model.num_classes, ignore_index=cfg.data.ignore_index,
                           max_images=t.max_val_images, keep=views.kept(), progress=run.progress)
-        entry = history_entry(epoch, stats, ev, time.perf_counter() - t0, t.profile)
+        entry = history_entry(epoch, stats, ev, time.perf_counter() - t0)
         # per_image.npz and predictions/ first, results.json after: a kill between them leaves results.json
         # on the previous best, and the resumed run redoes this epoch and rewrites both.
         is_best = results.add_epoch(entry, write=False)
@@ -216,6 +213,10 @@ def train_epochs(run: Run, tb: TBLogger) -> int | None:
         # The last epoch's checkpoint is written after the loop (last.pt then only if it is kept).
         if (epoch + 1) % t.checkpoint_every == 0 and epoch + 1 < t.epochs:
             checkpoint(run, write_last=True)
+        if t.profile:  # where the whole epoch's time went: data + steps + evaluation + recording it
+            bookkeeping = time.perf_counter() - t0 - stats.data_seconds - stats.step_seconds - entry["eval_seconds"]
+            entry.update(step_seconds=stats.step_seconds, bookkeeping_seconds=bookkeeping)
+            results.write()
     return None
 
 

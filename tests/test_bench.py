@@ -1,10 +1,14 @@
-"""scripts/bench.py: its FLOP count against an analytic count of the conv layers, and its pure helpers (the
-ratio/spread formatting and the projection arithmetic, recomputed by hand). Nothing here is timed."""
+"""scripts/bench.py: what it writes when run (the JSON record's documented keys, finite positive ratios, the
+Markdown table, a failing section reported), its FLOP count against an analytic count of the conv layers, and
+its pure helpers recomputed by hand. No timing is asserted."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
+import statistics
+import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,113 @@ bench = importlib.util.module_from_spec(_spec)
 sys.modules["bench"] = bench  # dataclasses look their module up there
 _spec.loader.exec_module(bench)
 
+# A step config that takes seconds on 2 CPU cores.
+TINY_STEP = ["--backbone", "resnet18", "--size", "65", "--batch", "2", "--repeats", "1", "--gemm", "256"]
+STEP_RATIOS = {"ours_fp32_vs_gemm_fp32", "ours_auto_vs_gemm_auto", "ours_fp32_vs_limit_fp32",
+               "ours_auto_vs_limit_auto", "ours_auto_vs_ours_fp32"}
 
+
+def run_bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(_PATH), *args], cwd=tmp_path, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def spreads(obj) -> list[dict]:
+    """Every spread (median/min/max/n) anywhere in a JSON record."""
+    if isinstance(obj, dict):
+        if {"median", "min", "max", "n"} <= obj.keys():
+            return [obj]
+        return [s for v in obj.values() for s in spreads(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in spreads(v)]
+    return []
+
+
+def assert_finite_positive_spreads(section: dict) -> None:
+    found = spreads(section)
+    assert found
+    for s in found:
+        assert all(math.isfinite(s[k]) and s[k] > 0 for k in ("median", "min", "max")), s
+        assert s["min"] <= s["median"] <= s["max"] and s["n"] >= 1
+
+
+def test_quick_step_and_projection_write_the_record_and_the_markdown(tmp_path):
+    out = tmp_path / "records"
+    done = run_bench(tmp_path, "--quick", *TINY_STEP, "--skip", "eval,demo,reg,models", "--out", str(out))
+    [record_path] = out.glob("*.json")
+    assert [p.name for p in out.glob("*.md")] == [record_path.with_suffix(".md").name]
+    rec = json.loads(record_path.read_text())
+    # Named by date and machine: <date>-cpu-<model>-<cores>c-quick
+    m = rec["machine"]
+    assert record_path.name == f"{rec['date']}-cpu-{bench.slug(m['cpu'])}-{m['cores']}c-quick.json"
+    assert {"cpu", "cores", "native_bf16_cpu", "gpu", "torch"} <= rec["machine"].keys()
+    assert rec["machine"]["torch"] == torch.__version__ and rec["bench"]["quick"] is True
+    assert {"step", "projection"} <= rec.keys()
+    assert not {"eval_cache", "demo_epoch", "regularizers", "models"} & rec.keys()  # skipped
+    step = rec["step"]
+    assert STEP_RATIOS <= step["ratios"].keys()
+    assert "torchvision_unavailable" in step  # torchvision has no deeplabv3_resnet18
+    assert step["auto_precision"] in ("fp32", "bf16", "fp16")
+    assert step["flops_per_step"]["ours_fp32"] > 1e9  # ResNet-18 DeepLabv3+, batch 2 × 65², fwd+bwd
+    assert_finite_positive_spreads(step)
+    proj = rec["projection"]
+    for n in ("150", "250"):
+        p = proj["n_train"][n]
+        assert all(math.isfinite(p[k]) and p[k] > 0 for k in ("run_s", "study_s", "pflop_per_run"))
+        assert p["study_s"] == pytest.approx(31 * p["run_s"])
+    assert proj["n_train"]["250"]["run_s"] > proj["n_train"]["150"]["run_s"]
+    md = record_path.with_suffix(".md").read_text()
+    assert rec["date"] in md and rec["machine"]["cpu"] in md and f"torch {torch.__version__}" in md
+    assert "| | quantity | value | config |" in md and "| (a) | train step fp32, images/s |" in md
+    assert "| (f) | projected 31-run study |" in md
+    assert "train step fp32, images/s" in done.stdout and str(record_path) in done.stdout
+
+
+@pytest.mark.slow
+def test_runner_sections_measure_through_the_runner_and_its_cli(tmp_path):
+    # eval cache (d), the demo run (e) with the runner's profile split, malloc (i) in CLI children, (g), (h).
+    json_path = tmp_path / "here" / "record.json"
+    run_bench(tmp_path, *TINY_STEP, "--demo-epochs", "1", "--skip", "step,project", "--json", str(json_path))
+    rec = json.loads(json_path.read_text())
+    assert json_path.with_suffix(".md").exists()
+    assert {"eval_cache", "demo_epoch", "malloc", "regularizers", "models"} <= rec.keys()
+    for key in ("eval_cache", "demo_epoch", "malloc", "regularizers", "models"):
+        assert "failed" not in rec[key]
+        assert_finite_positive_spreads(rec[key])
+    ev = rec["eval_cache"]
+    assert ev["n_val"] == 48 and ev["wall_over_model"] >= 1.0 and ev["cache_bound"] >= 1.0
+    demo = rec["demo_epoch"]
+    [run] = demo["runs"]  # --repeats 1
+    [epoch] = run["epochs"]  # --demo-epochs 1, with the runner's profile keys (trainer.profile=true)
+    assert {"seconds", "data_seconds", "step_seconds", "eval_seconds", "bookkeeping_seconds"} == epoch.keys()
+    # The parts of a run's time add up to its wall time.
+    assert sum(demo["split_s"].values()) == pytest.approx(run["wall_s"])
+    assert demo["train_wall_over_steps"] >= 1.0
+    assert [len(v) for v in rec["malloc"]["run_seconds"].values()] == [1, 1]
+    assert set(rec["regularizers"]["cell_vs_none"]) == {"all-chandrop", "all-dropblock", "all-uout"}
+    assert set(rec["models"]["models"]) == {"deeplabv3plus", "fcn", "fpn", "unet"}
+
+
+def test_a_failing_section_is_reported_and_the_record_still_written(tmp_path, capsys):
+    status = bench.main(["--quick", *TINY_STEP, "--backbone", "resnet7", "--skip", "eval,demo,reg",
+                         "--out", str(tmp_path)])
+    assert status == 1
+    [record_path] = tmp_path.glob("*.json")
+    rec = json.loads(record_path.read_text())
+    assert "resnet7" in rec["step"]["failed"] and "resnet7" in rec["models"]["failed"]
+    assert "projection" not in rec  # nothing measured to project from
+    assert "failed (ConfigError: model.backbone='resnet7'" in capsys.readouterr().out
+
+
+def test_unknown_sections_to_skip_are_refused():
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--skip", "step,stpe"])
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------- FLOP count
 def analytic_conv_flops(model: torch.nn.Module, images: torch.Tensor, backward: bool) -> int:
     """2·Cout·Cin/groups·kh·kw·Hout·Wout·N per Conv2d (and 2·in·out per row of any Linear), from forward hooks;
     with ``backward``, one more such term for the weight gradient and one for the input gradient where the
@@ -79,12 +189,10 @@ def test_meta_device_count_equals_the_real_count(small_model):
     assert bench.count_flops(meta_model.eval(), x.to("meta")) == real
 
 
-def test_spread_and_its_formatting():
-    s = bench.spread([3.0, 1.0, 2.0, 10.0])
-    assert s == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
-    assert bench.fmt_spread(s) == "2.50× (1.00–10.00, n=4)"
-    assert bench.fmt_spread(bench.spread([0.9]), unit="", digits=1) == "0.9 (0.9–0.9, n=1)"
-    assert bench.scaled(s, 0.5) == {"median": 1.25, "min": 0.5, "max": 5.0, "n": 4}
+# -------------------------------------------------------------------------------------------- pure helpers
+def test_spread_is_median_min_max_and_count():
+    assert bench.spread([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+    assert bench.spread([0.9]) == {"median": 0.9, "min": 0.9, "max": 0.9, "n": 1}
     with pytest.raises(ValueError, match="no values"):
         bench.spread([])
 
@@ -111,138 +219,45 @@ def test_projection_arithmetic_by_hand():
     assert slower_eval["train_s_per_epoch"] == pytest.approx(train_s)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(42.0, "42.0 s"), (90.0, "1.5 min"), (7200.0, "2.0 h"),
-                                               (3 * 86400.0, "3.0 d")])
-def test_fmt_seconds(seconds, text):
-    assert bench.fmt_seconds(seconds) == text
-
-
-def test_interleaved_calls_one_of_each_per_round_after_one_warm_up():
-    calls = []
-    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    times = bench.interleaved(fns, torch.device("cpu"), repeats=3)
-    assert calls == ["a", "b"] * 4  # warm-up, then 3 rounds a, b, a, b, ...
-    assert [len(t) for t in times.values()] == [3, 3]
-    calls.clear()
-    bench.interleaved(fns, torch.device("cpu"), repeats=2, warm=False)
-    assert calls == ["a", "b"] * 2
-
-
-def test_malloc_section_alternates_fresh_processes_and_pairs_rounds(monkeypatch, tmp_path):
-    order = []
-
-    def probe(tuned: bool, root, work) -> float:
-        order.append(tuned)
-        return 0.1 if tuned else 0.1 + 0.01 * len(order)
-
-    monkeypatch.setattr(bench, "probe_in_child", probe)
-    table = bench.Table(record={})
-    out = bench.malloc_section(bench.Bench("resnet50", 129, 2, "cpu", 3, 64, False), tmp_path, tmp_path, table)
-    assert order == [False, True, True, False, False, True]  # the order alternates round by round
-    # rounds pair the i-th default with the i-th tuned: defaults 0.11, 0.14, 0.15 over 0.1
-    assert out["default_vs_tuned"]["median"] == pytest.approx(1.4)
-    assert out["default_vs_tuned"]["min"] == pytest.approx(1.1) and out["default_vs_tuned"]["max"] == pytest.approx(1.5)
-    assert "(i)" in table.render()
-
-
-def test_phase_timers_wrap_module_globals_and_restore_them():
-    def work(x):
-        return x + 1
-
-    module = types.SimpleNamespace(work=work)
-    with bench.phase_timers(module, ("work",), torch.device("cpu")) as seconds:
-        assert module.work is not work
-        assert module.work(1) == 2
-    assert module.work is work
-    assert set(seconds) == {"work"} and seconds["work"] >= 0.0
-
-
-def test_model_timer_counts_only_the_chosen_mode():
-    model = torch.nn.Conv2d(3, 4, 3)
-    x = torch.randn(1, 3, 16, 16)
-    with bench.model_timer(model.train(), torch.device("cpu"), in_training=False) as inside:
-        model(x)
-    assert inside == [0.0]
-    with bench.model_timer(model.eval(), torch.device("cpu"), in_training=False) as inside:
-        model(x)
-    assert inside[0] > 0.0
-    assert not model._forward_hooks and not model._forward_pre_hooks  # removed on exit
-
-
-def test_bench_defaults_by_device_and_mode_and_explicit_options_win():
-    quick = bench.make_bench(bench.parse_args(["--quick"]))
-    assert (quick.backbone, quick.size, quick.batch, quick.repeats, quick.quick) == ("resnet50", 129, 2, 3, True)
-    full = bench.make_bench(bench.parse_args([]))
-    assert (full.backbone, full.size, full.batch, full.repeats) == ("resnet101", 321, 2, 5)
-    cuda = bench.make_bench(bench.parse_args(["--device", "cuda"]))
-    assert (cuda.size, cuda.batch) == (513, 8)
-    mine = bench.make_bench(bench.parse_args(["--quick", "--backbone", "resnet18", "--size", "65", "--repeats", "7"]))
-    assert (mine.backbone, mine.size, mine.repeats) == ("resnet18", 65, 7)
-    assert mine.describe() == "resnet18 OS16 DeepLabv3+, batch 2 × 65², cpu"
-
-
-def test_table_renders_aligned_columns():
-    table = bench.Table()
-    table.add("(a)", "short", "1.00× (0.90–1.10, n=5)", "cfg")
-    table.add("(bb)", "a longer quantity", "2", "")
-    table.add("(c)", "same config twice", "3", "cfg2")
-    table.add("(c)", "same config again", "4", "cfg2")
-    lines = table.render().splitlines()
-    assert len(lines) == 5
-    assert lines[3].endswith("cfg2") and lines[4].endswith("4")  # a repeated config is printed once
-    starts = {line.index(v) for line, v in zip(lines[:3], ("quantity", "short", "a longer"), strict=True)}
-    assert len(starts) == 1  # the quantity column starts at the same place on every line
-    assert lines[2].endswith("2")  # trailing blanks of an empty config stripped
-
-
-def test_guarded_turns_a_failing_section_into_a_row_and_passes_results_through():
-    table = bench.Table()
-    assert bench.guarded("(x)", table, lambda: {"a": 1}) == {"a": 1}
-    assert table.rows == []
-
-    def broken() -> dict:
-        raise KeyError("data.val_cache")
-
-    record = bench.guarded("(d)", table, broken)
-    assert record == {"unavailable": "KeyError: 'data.val_cache'"}
-    assert table.rows == [("(d)", "section", "unavailable (KeyError: 'data.val_cache')", "")]
-
-
-def test_demo_rows_aggregate_runs_by_hand():
-    # Per epoch [wall, train_step, train loop, evaluate, eval forwards]; two runs of two epochs.
-    runs = [[[10.0, 6.0, 7.0, 2.0, 1.0], [12.0, 6.0, 8.0, 2.0, 2.0]],   # 22 s over 15 s in the model: 22/15
-            [[9.0, 5.0, 6.0, 2.0, 1.0], [9.0, 5.0, 6.0, 2.0, 1.0]]]     # 18 s over 12 s: 1.5
-    cfg = types.SimpleNamespace(model=types.SimpleNamespace(backbone="resnet18"),
-                                data=types.SimpleNamespace(crop_size=65), trainer=types.SimpleNamespace(batch_size=8))
-    state = types.SimpleNamespace(train_ds=[0] * 44, val_ds=[0] * 24)
-    table = bench.Table(record={})
-    out = bench.add_demo_rows(cfg, state, runs, table)
-    assert out["wall_over_model"] == bench.spread([22 / 15, 1.5])
-    assert out["first_run_wall_over_model"] == 22 / 15
-    assert out["per_epoch_wall_over_model"] == bench.spread([10 / 7, 12 / 8, 9 / 6, 9 / 6])
-    assert out["run_wall_s"] == [22.0, 18.0]
-    assert out["train_wall_over_steps"] == pytest.approx((15 + 12) / (12 + 10))  # loops ÷ steps, per-run means
-    assert out["eval_wall_s"] == pytest.approx(4.0) and out["record_s"] == pytest.approx(20 - 13.5 - 4)
-    assert "2 runs in one process" in out["config"] and len(table.rows) == 5
-
-
 def test_cache_bound_by_hand():
     # 3 ms to decode an image, 400 images/s (2.5 ms) evaluated from the cache: (3 + 2.5) / 2.5.
     assert bench.cache_bound(0.003, 400.0) == pytest.approx(2.2)
     assert bench.cache_bound(0.0, 50.0) == pytest.approx(1.0)  # nothing to decode: nothing to gain
 
 
-def test_eval_rows_say_why_a_ratio_is_missing_beside_the_cache_bound():
-    ips = {"median": 400.0, "min": 390.0, "max": 410.0, "n": 3}
-    base = {"config": "demo", "n_val": 10, "loader_build_s": {"ram": 0.03}, "wall_over_model": 1.1,
-            "cache_bound": 2.2}
-    without_off = bench.Table(record={})  # val_cache=off failed: the cache alone, no ratio
-    bench.add_eval_rows({**base, "images_per_s": {"ram": ips}, "unavailable_off": "KeyError: x"}, without_off)
-    quantities = [row[1] for row in without_off.rows]
-    assert "cached vs uncached eval" in quantities and "  the most a cache can gain here" in quantities
-    both = bench.Table(record={})
-    bench.add_eval_rows({**base, "images_per_s": {"ram": ips, "off": ips}, "ram_vs_off": ips}, both)
-    quantities = [row[1] for row in both.rows]
-    assert "cached ÷ uncached eval speed" in quantities and "cached vs uncached eval" not in quantities
-    [bound] = [row[2] for row in both.rows if row[1] == "  the most a cache can gain here"]
-    assert bound == "2.20× (decode 3.0 ms + cached eval 2.5 ms an image)"
+def test_demo_summary_by_hand():
+    def epoch(seconds, data, step, ev, book):
+        return {"seconds": seconds, "data_seconds": data, "step_seconds": step, "eval_seconds": ev,
+                "bookkeeping_seconds": book}
+
+    runs = [{"wall_s": 12.0, "epochs": [epoch(5.0, 1.0, 3.0, 0.5, 0.5), epoch(6.0, 1.0, 3.5, 1.0, 0.5)]},
+            {"wall_s": 10.0, "epochs": [epoch(4.5, 0.5, 3.0, 0.5, 0.5), epoch(4.5, 0.5, 3.0, 0.5, 0.5)]}]
+    out = bench.demo_summary(runs)
+    # Run 1: 12 s over steps 6.5 + eval 1.5 = 8; run 2: 10 s over 6 + 1 = 7. 1 s of each outside its epochs.
+    assert out["wall_over_steps_and_eval"] == bench.spread([1.5, 10 / 7])
+    assert out["first_run_wall_over_steps_and_eval"] == 1.5
+    assert out["per_epoch_wall_over_steps_and_eval"] == bench.spread([5 / 3.5, 6 / 4.5, 4.5 / 3.5, 4.5 / 3.5])
+    assert out["split_s"] == pytest.approx({"data": 1.5, "steps": 6.25, "eval": 1.25, "bookkeeping": 1.0,
+                                            "outside_epochs": 1.0})
+    assert sum(out["split_s"].values()) == pytest.approx(statistics.mean(out["run_wall_s"]))
+    assert out["train_wall_over_steps"] == pytest.approx((1.5 + 6.25) / 6.25)
+    assert out["eval_wall_s"] == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(42.0, "42.0 s"), (90.0, "1.5 min"), (7200.0, "2.0 h"),
+                                               (3 * 86400.0, "3.0 d")])
+def test_fmt_seconds(seconds, text):
+    assert bench.fmt_seconds(seconds) == text
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("AMD EPYC", "amd-epyc"), ("AMD EPYC 7B13 64-Core Processor", "amd-epyc-7b13"),
+    ("Intel(R) Xeon(R) CPU @ 2.20GHz", "intel-xeon"), ("NVIDIA H200", "nvidia-h200"), ("", "unknown")])
+def test_machine_names_in_file_names(name, expected):
+    assert bench.slug(name) == expected
+
+
+def test_record_name_is_date_then_the_device_measured():
+    info = {"cpu": "AMD EPYC", "cores": 2, "gpu": "NVIDIA H200"}
+    assert bench.record_name(info, "cpu", "2026-12-03", quick=False) == "2026-12-03-cpu-amd-epyc-2c"
+    assert bench.record_name(info, "cuda", "2026-12-03", quick=True) == "2026-12-03-cuda-nvidia-h200-quick"

@@ -19,7 +19,7 @@ from deeplab_dropout import train as train_mod
 from deeplab_dropout.cli import InputError
 from deeplab_dropout.results import load_checkpoint, read_per_image
 from deeplab_dropout.saved_config import resume_free_keys
-from deeplab_dropout.train import TIMING_KEYS
+from deeplab_dropout.train import PROFILE_KEYS, TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "miou", "pixel_acc", "class_iou", "per_image_miou", "lr",
@@ -236,3 +236,18 @@ def test_demo_none_cell_learns(tmp_path):
     _, val_ds, _ = get_datasets(cfg.data)
     baseline = constant_background_miou(val_ds)
     assert best >= 3 * baseline, (best, baseline)
+
+
+def test_profile_records_where_each_epochs_time_went_and_changes_no_number(voc_root, tmp_path):
+    overrides = ("trainer.epochs=2", "trainer.max_train_steps=2", "trainer.max_val_images=2")
+    for name, profile in (("plain", "false"), ("profiled", "true")):
+        train_mod.run(tiny_cfg(voc_root, *overrides, f"trainer.profile={profile}"), tmp_path / name)
+    plain, profiled = (read_results(tmp_path / name)["history"] for name in ("plain", "profiled"))
+    assert metrics_only(plain) == [{k: v for k, v in e.items() if k not in PROFILE_KEYS}
+                                   for e in metrics_only(profiled)]
+    assert all(not set(PROFILE_KEYS) & e.keys() for e in plain)
+    for e in profiled:
+        parts = e["data_seconds"] + e["step_seconds"] + e["eval_seconds"]
+        # The epoch's own seconds end before it is recorded; bookkeeping counts the recording too.
+        assert 0 < e["step_seconds"] < e["seconds"] and e["bookkeeping_seconds"] > 0
+        assert parts + e["bookkeeping_seconds"] >= e["seconds"]
