@@ -23,10 +23,10 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --quiet
 
-# The whole suite (what CI runs): lint, the docs site, every test.
+# The whole suite (what CI runs): lint, the docs site, every test, in 2 processes (pytest-xdist).
 test: lint docs
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n 2
 
 # The edit loop: every test not marked slow (under 2 minutes on 2 cores).
 test-fast: lint
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest -n 2 -m "not slow"

@@ -1,14 +1,20 @@
 """Shared fixtures: compose the real Hydra config from conf/ and shrink it for CPU tests."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from deeplab_dropout.config import CONF_DIR as _CONF
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"  # in the processes the tests start too (the same sums as in-process)
+    torch.set_num_threads(1)
 
 CONF_DIR = str(_CONF)
 

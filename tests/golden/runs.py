@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 RECORD = Path(__file__).with_name("record.json")
+THREADS = 2  # torch's intra-op threads when the record was made: fp32 sums can depend on the count
 # Per-epoch keys that vary from run to run (wall-clock times); everything else in an entry is compared.
 TIMING_KEYS = ("seconds", "data_seconds", "eval_seconds")
 COMMON = [
@@ -42,7 +43,7 @@ def run(name: str, workdir: Path) -> dict:
     run_dir, data_root = workdir / name, workdir / "data"
     cmd = [sys.executable, "-m", "deeplab_dropout.train", *COMMON, *RUNS[name], f"data.root={data_root}",
            f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(THREADS)}
     subprocess.run(cmd, check=True, cwd=workdir, env=env, capture_output=True, text=True)
     results = json.loads((run_dir / "results.json").read_text())
     history = [{k: v for k, v in entry.items() if k not in TIMING_KEYS} for entry in results["history"]]
