@@ -48,6 +48,8 @@ GRANULARITIES = ("iteration", "epoch")
 SPLIT_METHODS = ("per_class", "authors", "min_cover")
 YEARS = ("2007", "2012")  # data.year: reads VOCdevkit/VOC<year> (an int in conf/data; checked and used as str)
 VAL_CROPS = ("center", "full")
+VAL_LISTS = ("unique", "per_class")  # data.val_list (data.get_val_dataset)
+LABEL_PADS = (255, 0)  # data.label_pad: the train crop's label fill (data.transforms)
 LOSSES = ("ce", "focal")
 CLASS_WEIGHTS = ("none", "inverse_frequency", "log_inverse_frequency")  # or a list (deeplab_dropout.class_weights)
 OPTIMIZERS = ("sgd_poly", "adamw")  # optim.name: torch.optim.SGD | torch.optim.AdamW
@@ -56,7 +58,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_PRECISIONS = ("fp32", "same")
 DATA_CACHES = ("auto", "ram", "off")
 VAL_CACHES = ("auto", "ram", "device", "off")
-MONITORS = ("miou", "pixel_acc", "per_image_miou_mean")
+MONITORS = ("miou", "pixel_acc", "per_image_miou_mean", "batch_miou_mean")
 RESUME = ("auto", "never")
 
 
@@ -200,6 +202,7 @@ def _model(cfg: DictConfig) -> None:
         raise invalid("model.pretrained", m.pretrained, f"{', '.join(named)} or an existing file")
     _number("model.num_classes", m.num_classes, 2, integer=True)
     _one_of("model.pool_norm", m.pool_norm, POOL_NORMS)
+    _check_bool("model.align_corners", m.align_corners)
     if m.arch == "deeplabv3plus":
         _multi_grid(m)
     elif m.arch == "torchvision_deeplabv3":
@@ -215,6 +218,10 @@ def _data(d: DictConfig) -> None:
     _number("data.base_size", d.base_size, 1, integer=True)
     _one_of("data.val_crop", d.val_crop, VAL_CROPS)
     _one_of("data.split_method", d.split_method, SPLIT_METHODS)
+    _one_of("data.val_list", d.val_list, VAL_LISTS)
+    pad = d.label_pad  # `in` alone would let false (== 0) and 255.0 through
+    if not (isinstance(pad, int) and not isinstance(pad, bool) and pad in LABEL_PADS):
+        raise invalid("data.label_pad", d.label_pad, "one of " + ", ".join(map(str, LABEL_PADS)))
     year = d.get("year", "2012")  # Hydra parses data.year=2007 as an int: the code uses str(year)
     if str(year) not in YEARS:
         raise invalid("data.year", year, "one of " + ", ".join(YEARS))
@@ -333,7 +340,7 @@ def _trainer(cfg: DictConfig) -> None:
     _one_of("trainer.progress", t.progress, ("auto", True, False))
     if not isinstance(t.compile_backend, str) or not t.compile_backend:
         raise invalid("trainer.compile_backend", t.compile_backend, "a torch.compile backend name, e.g. inductor")
-    for key in ("rerun", "keep_last", "compile", "tune_malloc", "profile"):
+    for key in ("drop_last", "rerun", "keep_last", "compile", "tune_malloc", "profile"):
         _check_bool(f"trainer.{key}", t[key])
     for key in ("max_train_steps", "max_val_images", "early_stop_patience"):
         if t[key] is not None:

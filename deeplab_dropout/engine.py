@@ -53,14 +53,34 @@ class EpochStats:
 @dataclass(frozen=True)
 class Evaluation:
     """One pass over the validation set: the metrics results.json records (``metrics``: miou, pixel_acc,
-    class_iou, per_image_miou and val_loss), each image's (K, 2) intersection/union counts and mIoU in
-    loader order, the kept predictions (uint8 CPU label maps by image index) and the seconds it took."""
+    class_iou, per_image_miou and val_loss), each image's (K, 2) intersection/union counts, mIoU, loss sum
+    and pixel weight in loader order (the losses empty without a criterion), the kept predictions (uint8
+    CPU label maps by image index) and the seconds it took."""
 
     metrics: dict
     image_counts: torch.Tensor
     image_miou: list[float]
+    image_loss: list[float]
+    image_pixels: list[float]
     preds: dict[int, torch.Tensor]
     seconds: float
+
+
+def batch_statistics(ev: Evaluation, batch_size: int, criterion: Criterion | None) -> dict[str, list]:
+    """The validation set as the authors' loader batched it: consecutive groups of ``batch_size`` images in
+    loader order (the last one partial); each group's mean per-image mIoU (``batch_miou``, images without
+    valid pixels left out; None for a group of only those) and loss (``batch_loss``, on the criterion's
+    scale over the group's size; empty without a criterion)."""
+    groups = [range(i, min(i + batch_size, len(ev.image_miou))) for i in range(0, len(ev.image_miou), batch_size)]
+    mious = []
+    for group in groups:
+        valid = [ev.image_miou[i] for i in group if not math.isnan(ev.image_miou[i])]
+        mious.append(sum(valid) / len(valid) if valid else None)
+    losses = []
+    if criterion is not None and ev.image_loss:
+        losses = [float(criterion.reduce(sum(ev.image_loss[i] for i in g), sum(ev.image_pixels[i] for i in g),
+                                         len(g))) for g in groups]
+    return {"batch_miou": mious, "batch_loss": losses}
 
 
 def labels(logits: torch.Tensor) -> torch.Tensor:
@@ -148,7 +168,7 @@ def evaluate(model: torch.nn.Module, loader, runtime: Runtime, criterion: Criter
     t0 = time.perf_counter()
     model.eval()
     metrics = SegmentationMetrics(num_classes, ignore_index)
-    total_loss, total_px, seen, preds = 0.0, 0, 0, {}
+    total_loss, total_px, seen, preds, image_loss, image_pixels = 0.0, 0, 0, {}, [], []
     with torch.inference_mode():
         for images, targets in tqdm(loader, desc="val", disable=not progress, leave=False):
             if max_images is not None and seen >= max_images:
@@ -158,6 +178,10 @@ def evaluate(model: torch.nn.Module, loader, runtime: Runtime, criterion: Criter
                 loss_sum, n_px = criterion(logits, targets)
                 total_loss += loss_sum.item()
                 total_px += n_px
+                for i in range(len(targets)):  # each image's own, for statistics over other batchings
+                    one_sum, one_px = criterion(logits[i:i + 1], targets[i:i + 1])
+                    image_loss.append(one_sum.item())
+                    image_pixels.append(float(one_px))
             pred = labels(logits)
             metrics.update(pred, targets)
             batch = range(seen, seen + len(pred))
@@ -167,4 +191,5 @@ def evaluate(model: torch.nn.Module, loader, runtime: Runtime, criterion: Criter
     out = metrics.compute()
     # The training loss's scale (whatever the val batch size), so val_loss compares with train_loss.
     out = {"val_loss": criterion.reduce(total_loss, total_px) if criterion is not None else None, **out}
-    return Evaluation(out, metrics.image_counts, metrics.image_miou.tolist(), preds, time.perf_counter() - t0)
+    return Evaluation(out, metrics.image_counts, metrics.image_miou.tolist(), image_loss, image_pixels, preds,
+                      time.perf_counter() - t0)

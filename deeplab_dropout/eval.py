@@ -24,13 +24,13 @@ from deeplab_dropout.cli import EXIT_INPUT, input_errors, run_app, run_job
 from deeplab_dropout.config import CONF_DIR, ConfigError, one_line, validate
 from deeplab_dropout.data import get_val_dataset
 from deeplab_dropout.data.loaders import make_val_loader
-from deeplab_dropout.engine import evaluate
+from deeplab_dropout.engine import batch_statistics, evaluate
 from deeplab_dropout.loss import make_criterion
 from deeplab_dropout.model import build_model
 from deeplab_dropout.results import BEST, load_run_checkpoint
 from deeplab_dropout.rundir import RunDir, RunResults
 from deeplab_dropout.runtime import Runtime, resolve_device
-from deeplab_dropout.study import cell_name
+from deeplab_dropout.study import PRETRAINED_BASE, PRETRAINED_BASE_EVAL_ONLY, cell_name
 
 log = logging.getLogger("deeplab_dropout")
 GROUPS = ("model", "data", "dropout", "placement", "schedule", "loss", "optim", "trainer")
@@ -98,6 +98,8 @@ def run_eval(cfg: DictConfig, run_dir: RunDir | Path, overrides: list[str] | Non
         criterion = make_criterion(cfg, runtime.device, class_weights(cfg))
 
     cell = saved["cell"] if saved is not None else cell_name(cfg)
+    if cell == PRETRAINED_BASE:  # torchvision's weights as they come: not the paper's fine-tuned row
+        cell = PRETRAINED_BASE_EVAL_ONLY
     log.info("evaluating %s (%s) on %d val images (%s crop)", cfg.checkpoint or cfg.model.name, cell,
              len(loader.dataset), cfg.data.val_crop)
     results = RunResults(run_dir.results, cell=cell, config=OmegaConf.to_container(cfg, resolve=True),
@@ -110,7 +112,8 @@ def run_eval(cfg: DictConfig, run_dir: RunDir | Path, overrides: list[str] | Non
         ev = evaluate(model, loader, runtime, criterion, num_classes=cfg.model.num_classes,
                       ignore_index=cfg.data.ignore_index, max_images=cfg.trainer.max_val_images,
                       progress=sys.stderr.isatty())
-        entry = {"epoch": 1, "train_loss": None, **ev.metrics, "lr": None, "drop_p": None,
+        entry = {"epoch": 1, "train_loss": None, **ev.metrics,
+                 **batch_statistics(ev, cfg.trainer.batch_size, criterion), "lr": None, "drop_p": None,
                  "seconds": time.perf_counter() - t0}
         run_dir.write_per_image(loader.dataset.ids[:ev.image_counts.shape[0]], ev.image_counts.numpy(), 1)
         results.add_epoch(entry)

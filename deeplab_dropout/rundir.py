@@ -56,9 +56,13 @@ class RunResults:
 
     @staticmethod
     def monitor_value(entry: dict, monitor: str) -> float:
-        """The value of ``monitor`` in a history entry (``per_image_miou_mean`` reads the nested dict)."""
+        """The value of ``monitor`` in a history entry (``per_image_miou_mean`` reads the nested dict,
+        ``batch_miou_mean`` is the mean of the per-batch means: the authors' rule)."""
         if monitor == "per_image_miou_mean":
             return entry["per_image_miou"]["mean"]
+        if monitor == "batch_miou_mean":
+            means = [m for m in entry.get("batch_miou", []) if m is not None]
+            return sum(means) / len(means) if means else math.nan
         return entry[monitor]
 
     def best_value(self) -> float:

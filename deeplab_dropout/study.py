@@ -19,11 +19,13 @@ PLACEMENT_PARTS = {"none": (), "resnet": ("resnet",), "spp": ("spp",), "decoder"
 PLACEMENTS = tuple(p for p in PLACEMENT_PARTS if p != "none")  # resnet, spp, decoder, upper, all
 
 BASELINE = "none"  # the cell without a regulariser: every Δ is against it
-PRETRAINED_BASE = "pretrained-base"  # the paper's row of torchvision's COCO-trained DeepLabv3
+PRETRAINED_BASE = "pretrained-base"  # the paper's row: torchvision's COCO-trained DeepLabv3, fine-tuned
+PRETRAINED_BASE_EVAL_ONLY = f"{PRETRAINED_BASE} (no fine-tuning)"  # the same model evaluated as it comes
 # Table 2's 16 cells in the paper's order (none, then each family over the five placements).
 CELLS = (BASELINE, *(f"{where}-{family}" for family in FAMILIES for where in PLACEMENTS))
-TABLE_ORDER = (PRETRAINED_BASE, *CELLS)  # the rows of Tables 3 and 4
-UNREGULARISED = (BASELINE, PRETRAINED_BASE)  # their dropout, placement and schedule change nothing computed
+TABLE_ORDER = (PRETRAINED_BASE, *CELLS)  # the rows of the paper's Tables 3 and 4
+# Their dropout, placement and schedule change nothing computed.
+UNREGULARISED = (BASELINE, PRETRAINED_BASE, PRETRAINED_BASE_EVAL_ONLY)
 
 SCHEDULES = ("constant", "linear")  # the `schedule` group: Table 3 (constant) and Table 4 (the ramp)
 CONSTANT = "constant"

@@ -29,6 +29,7 @@ from deeplab_dropout.engine import (
     EpochStats,
     Evaluation,
     NonFiniteLoss,
+    batch_statistics,
     evaluate,
     seed_everything,
     train_one_epoch,
@@ -139,11 +140,13 @@ def set_up(cfg: DictConfig, run_dir: RunDir) -> Run:
     return run
 
 
-def history_entry(epoch: int, stats: EpochStats, ev: Evaluation | None, seconds: float) -> dict:
-    """Epoch ``epoch``'s (0-based) results.json entry; the val metrics only if it was evaluated."""
+def history_entry(run: Run, epoch: int, stats: EpochStats, ev: Evaluation | None, seconds: float) -> dict:
+    """Epoch ``epoch``'s (0-based) results.json entry; the val metrics only if it was evaluated, with the
+    per-batch means of the authors' validation batching (trainer.batch_size images, in list order)."""
     entry = {"epoch": epoch + 1, "train_loss": stats.train_loss}
     if ev is not None:
         entry.update(ev.metrics)
+        entry.update(batch_statistics(ev, run.cfg.trainer.batch_size, run.criterion))
     entry.update(lr=stats.lr, lr_head=stats.lr_head, drop_p=stats.drop_p, iteration=stats.iteration,
                  seconds=seconds, data_seconds=stats.data_seconds, eval_seconds=ev.seconds if ev is not None else 0.0)
     return entry
@@ -194,7 +197,7 @@ def train_epochs(run: Run, tb: TBLogger) -> int | None:
             ev = evaluate(run.model, run.val_loader, run.runtime, run.criterion,
                           num_classes=cfg.model.num_classes, ignore_index=cfg.data.ignore_index,
                           max_images=t.max_val_images, keep=views.kept(), progress=run.progress)
-        entry = history_entry(epoch, stats, ev, time.perf_counter() - t0)
+        entry = history_entry(run, epoch, stats, ev, time.perf_counter() - t0)
         # per_image.npz and predictions/ first, results.json after: a kill between them leaves results.json
         # on the previous best, and the resumed run redoes this epoch and rewrites both.
         is_best = results.add_epoch(entry, write=False)

@@ -132,6 +132,15 @@ INVALID = [
     (["data.cache=disk"], "data.cache='disk' is invalid: expected one of auto, ram, off"),
     (["data.val_cache=gpu"], "data.val_cache='gpu' is invalid: expected one of auto, ram, device, off"),
     (["seed=1.5"], "seed=1.5 is invalid: expected an integer in [0, inf)"),
+    # The authors'-code options (docs/paper-vs-code.md).
+    (["data.label_pad=1"], "data.label_pad=1 is invalid: expected one of 255, 0"),
+    (["data.label_pad=false"], "data.label_pad=False is invalid: expected one of 255, 0"),
+    (["data.label_pad=255.0"], "data.label_pad=255.0 is invalid: expected one of 255, 0"),
+    (["data.val_list=all"], "data.val_list='all' is invalid: expected one of unique, per_class"),
+    (["model.align_corners=1"], "model.align_corners=1 is invalid: expected true or false"),
+    (["model.align_corners=yes"], "model.align_corners='yes' is invalid: expected true or false"),
+    (["trainer.drop_last=0"], "trainer.drop_last=0 is invalid: expected true or false"),
+    (["trainer.drop_last=keep"], "trainer.drop_last='keep' is invalid: expected true or false"),
 ]
 
 

@@ -67,7 +67,7 @@ def test_torchvision_deeplabv3_pretrained_base_row(voc_root, tmp_path):
     assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     entry = run_eval(cfg, tmp_path, overrides)
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["cell"] == "pretrained-base" and res["status"] == "completed"
+    assert res["cell"] == "pretrained-base (no fine-tuning)" and res["status"] == "completed"
     assert len(entry["class_iou"]) == 21 and 0 <= entry["miou"] <= 1
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
-from conftest import counting_backend
+from conftest import compose_cfg, counting_backend
 
 from deeplab_dropout.config import ConfigError
 from deeplab_dropout.model import build_model, regularizer_sites
@@ -212,6 +213,50 @@ def test_image_pooling_computes_pool_conv_norm_relu(pool_norm):
     expected = y.T.relu()[:, :, None, None].expand(2, 4, 5, 7)  # constant over H x W
     with torch.no_grad():
         torch.testing.assert_close(branch(x), expected)
+
+
+def _pair(cfg_overrides: list[str]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model of ``cfg_overrides`` with model.align_corners false and true, the same weights, in eval mode."""
+    torch.manual_seed(0)
+    off = build_model(compose_cfg([*cfg_overrides, "model.align_corners=false"])).eval()
+    on = build_model(compose_cfg([*cfg_overrides, "model.align_corners=true"])).eval()
+    on.load_state_dict(off.state_dict())
+    return off, on
+
+
+def test_align_corners_reaches_the_decoder_and_final_upsampling():
+    off, on = _pair(R18)
+    x = torch.randn(2, 3, 65, 81)
+    seen: dict[str, torch.Tensor] = {}
+    on.aspp.register_forward_hook(lambda m, i, o: seen.__setitem__("aspp", o))
+    on.decoder.conv1.register_forward_pre_hook(lambda m, i: seen.__setitem__("concat", i[0]))
+    on.decoder.classifier.register_forward_hook(lambda m, i, o: seen.__setitem__("logits", o))
+    with torch.no_grad():
+        out_off, out_on = off(x), on(x)
+    low_size = seen["concat"].shape[-2:]
+    aspp_up = seen["concat"][:, :seen["aspp"].shape[1]]
+    # The decoder's x4 (ASPP to the low-level map) and the final upsampling are align_corners=True ones.
+    assert torch.equal(aspp_up, F.interpolate(seen["aspp"], size=low_size, mode="bilinear", align_corners=True))
+    assert torch.equal(out_on, F.interpolate(seen["logits"], size=(65, 81), mode="bilinear", align_corners=True))
+    assert out_on.shape == out_off.shape and not torch.allclose(out_on, out_off)
+    # The image-pooling branch upsamples a 1x1 map: the same constant either way.
+    assert on.aspp.branches[4].align_corners and not off.aspp.branches[4].align_corners
+
+
+@pytest.mark.parametrize("overrides,bilinear", [
+    (["model=fcn_resnet101", "model.backbone=resnet18"], True),
+    (["model=fpn_resnet101", "model.backbone=resnet18", "model.fpn_channels=16", "model.head_channels=8"], True),
+    (["model=unet", "model.unet_base_channels=4"], False),
+    (["model=course_fcn", "model.channels=[4,4,4,4,4]"], False),
+])
+def test_align_corners_in_every_bilinear_model(overrides, bilinear):
+    """Every model with a bilinear upsampling takes model.align_corners; U-Net and the course model have none."""
+    off, on = _pair([*overrides, "model.pretrained=none"])
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        out_off, out_on = off(x), on(x)
+    assert out_on.shape == out_off.shape == (2, 21, 45, 61)
+    assert torch.equal(out_on, out_off) != bilinear
 
 
 @pytest.mark.parametrize("pool_norm,expected", [("bn", 59_344_309), ("none", 59_344_053)])

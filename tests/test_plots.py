@@ -20,9 +20,11 @@ from deeplab_dropout.report.figures import (
     delta_figure,
     panel_epochs,
     per_image_figure,
+    reference_figure,
     save_figure,
     sheet_figure,
 )
+from deeplab_dropout.study import cell_shade
 
 CLASSES = list(VOC_CLASSES)
 
@@ -186,6 +188,40 @@ def test_class_iou_plot_annotates_greys_missing_and_changes_with_data(tmp_path):
 def test_class_iou_plot_rejects_a_row_of_the_wrong_length(tmp_path):
     with pytest.raises(ValueError, match="row 'cell-1' has 3 values, expected 21"):
         class_iou_figure([("cell-0", [0.1] * 21), ("cell-1", [0.1] * 3)], CLASSES)
+
+
+# ---- (e) ours vs the paper --------------------------------------------------------------------------
+
+def reference_points() -> list[dict]:
+    return [{"label": "none", "cell": "none", "schedule": "constant", "ours": 0.45, "ci": None, "paper": 0.49},
+            {"label": "all-chandrop", "cell": "all-chandrop", "schedule": "linear", "ours": 0.6, "ci": 0.05,
+             "paper": 0.59},
+            {"label": "spp-uout", "cell": "spp-uout", "schedule": "constant", "ours": 0.5, "ci": 0.02,
+             "paper": 0.50},
+            {"label": "pretrained-base", "cell": "pretrained-base", "schedule": "linear", "ours": 0.8, "ci": None,
+             "paper": 0.81}]
+
+
+def test_reference_plot_marks_schedules_colours_families_and_draws_y_equals_x(tmp_path):
+    points = reference_points()
+    fig = reference_figure(points)
+    a = png(save_figure(fig, tmp_path / "a.png"), inches(fig))
+    ax = fig.axes[0]
+    lines = [line for line in ax.lines if line.get_marker() != "_" and len(line.get_xdata()) == 1]  # not caps
+    assert [line.get_marker() for line in lines] == ["o", "s", "o", "s"]  # constant circle, linear square
+    colours = [to_rgba(line.get_color()) for line in lines]
+    assert np.allclose(colours[0], (0, 0, 0, 1))  # none black, a cell its family's shade
+    for colour, cell in zip(colours[1:3], ("all-chandrop", "spp-uout"), strict=True):
+        colormap, position = cell_shade(cell)
+        assert np.allclose(colour, plt.get_cmap(colormap)(position))
+    assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in lines] == [(p["paper"], p["ours"]) for p in points]
+    diagonal = [line for line in ax.lines if len(line.get_xdata()) == 2]
+    assert len(diagonal) == 1 and np.allclose(diagonal[0].get_xdata(), diagonal[0].get_ydata())
+    points[2] = {**points[2], "ours": 0.55}
+    b = png(save_figure(reference_figure(points), tmp_path / "b.png"))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="no points"):
+        reference_figure([])
 
 
 # ---- (5) image sheets --------------------------------------------------------------------------------

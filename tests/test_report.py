@@ -209,16 +209,22 @@ def test_report_orders_rows_like_table2_and_writes_files(tmp_path, capsys):
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "### schedule = constant" in out and "### schedule = linear" in out
-    constant = out.split("### schedule = linear")[0]
-    rows = [line.split("|")[1].strip().removesuffix(" †") for line in constant.splitlines()
-            if line.startswith("| ") and "Experiment" not in line]
+    # VOC 2012 runs: the paper's Table 3 follows the table, its rows in the same order.
+    constant, beside = out.split("### schedule = linear")[0].split("The paper's Table 3 beside these rows")
+
+    def labels(text: str) -> list[str]:
+        return [line.split("|")[1].strip().removesuffix(" †") for line in text.splitlines()
+                if line.startswith("| ") and "Experiment" not in line]
+
+    rows = labels(constant)
     # The COCO model differs from ours in model.*: its cell name says so, no row needs a key list.
     assert rows == ["pretrained-base", "none", "resnet-chandrop", "upper-dropblock", "all-uout"]
     assert rows == sorted(rows, key=TABLE_ORDER.index)
+    assert labels(beside) == rows
     assert "| upper-dropblock | 0 | – | – |" in out and "failed×1" in out
     assert (tmp_path / "report.md").read_text() + "\n" == out
     # Runs without per-image records, class IoU or predictions: the plots that have data, no image sheet.
-    assert {p.name for p in tmp_path.glob("*.png")} == {"delta_vs_none.png", "curves.png"}
+    assert {p.name for p in tmp_path.glob("*.png")} == {"delta_vs_none.png", "curves.png", "reference_vs_paper.png"}
     report_json = json.loads((tmp_path / "report.json").read_text())
     assert [row["label"] for row in report_json["tables"]["linear"]] == ["pretrained-base", "none", "resnet-chandrop",
                                                                 "all-uout"]

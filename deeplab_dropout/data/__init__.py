@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deeplab_dropout.data.split import class_presence, make_split
+from deeplab_dropout.data.split import class_presence, make_split, per_class_list
 from deeplab_dropout.data.synth import generate
 from deeplab_dropout.data.voc import (
     IGNORE_INDEX,
@@ -60,11 +60,16 @@ def prepare_root(data_cfg: Any) -> Path:
 
 
 def get_val_dataset(data_cfg: Any) -> VOCSegmentation:
-    """The whole val list with the val transform (`data.val_crop`)."""
+    """The whole val list with the val transform (`data.val_crop`): each image once (`data.val_list=unique`), or
+    once per object class in its mask (`per_class`, the authors' list: see split.per_class_list)."""
     from deeplab_dropout.data.transforms import get_transform
 
-    return VOCSegmentation(prepare_root(data_cfg), str(data_cfg.val_split),
-                           transforms=get_transform(False, data_cfg), year=data_year(data_cfg))
+    root, year, split = prepare_root(data_cfg), data_year(data_cfg), str(data_cfg.val_split)
+    ids = per_class_list(class_presence(root, split, year=year)) if data_cfg.val_list == "per_class" else None
+    if ids == []:
+        raise DatasetError(f"data.val_list=per_class: no image of {split_file(root, split, year)} holds an object "
+                           "class (1..20); use data.val_list=unique")
+    return VOCSegmentation(root, split, ids=ids, transforms=get_transform(False, data_cfg), year=year)
 
 
 def get_datasets(data_cfg: Any, seed: int | None = None) -> tuple[VOCSegmentation, VOCSegmentation, dict]:

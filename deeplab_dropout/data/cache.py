@@ -61,9 +61,11 @@ class CachedValLoader:
         from deeplab_dropout.data.transforms import get_transform
 
         geometry = get_transform(False, data_cfg).geometry  # resized and cropped, still uint8
-        pairs = [geometry(*dataset.load_tensors(i)) for i in range(len(dataset))]
-        self.images = [img.to(device) for img, _ in pairs]
-        self.masks = [m.to(device) for _, m in pairs]
+        first: dict[str, int] = {}  # data.val_list=per_class lists an image more than once: decode it once
+        index = [first.setdefault(image_id, i) for i, image_id in enumerate(dataset.ids)]
+        done = {i: [t.to(device) for t in geometry(*dataset.load_tensors(i))] for i in sorted(set(index))}
+        self.images = [done[j][0] for j in index]
+        self.masks = [done[j][1] for j in index]
         if batch_size > 1:  # center crops share one size: one tensor each, sliced per batch
             self.images, self.masks = torch.stack(self.images), torch.stack(self.masks)
 

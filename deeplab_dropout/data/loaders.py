@@ -26,7 +26,9 @@ def seed_worker(worker_id: int) -> None:
 
 def make_loaders(cfg: DictConfig, train_ds, val_ds, runtime: Runtime) -> tuple[DataLoader, DataLoader | CachedValLoader]:
     """The shuffled training loader (its generators are reseeded every epoch) and the val loader; the training
-    images decoded into RAM first if data.cache says so (before any worker forks, so they share them)."""
+    images decoded into RAM first if data.cache says so (before any worker forks, so they share them).
+    trainer.drop_last=false also trains the last partial batch: len(loader) (the LR and dropout schedules'
+    steps per epoch) is then ceil(n / batch_size) instead of floor."""
     t = cfg.trainer
     if cache_train(train_ds, cfg.data.cache):
         log.info("data.cache: %d decoded training images in RAM", len(train_ds))
@@ -35,12 +37,16 @@ def make_loaders(cfg: DictConfig, train_ds, val_ds, runtime: Runtime) -> tuple[D
     # The shuffle has its own generator, reseeded every epoch: a persistent loader draws no new worker seed
     # from its generator per epoch, so sharing one would make the order depend on the worker count.
     sampler = RandomSampler(train_ds, generator=torch.Generator())
-    train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, drop_last=True,
+    train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, drop_last=bool(t.drop_last),
                               generator=torch.Generator(), num_workers=workers, persistent_workers=workers > 0,
                               pin_memory=runtime.device.type == "cuda", worker_init_fn=seed_worker)
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is invalid: larger than the "
-                          f"{len(train_ds)} training images (drop_last would leave no step)")
+                          f"{len(train_ds)} training images (trainer.drop_last=true would leave no step)")
+    if not t.drop_last and len(train_ds) % t.batch_size == 1 and cfg.model.pool_norm == "bn":
+        raise ConfigError(f"trainer.drop_last=false is invalid with model.pool_norm=bn here: the last batch holds one "
+                          f"of the {len(train_ds)} training images and the image-pooling BatchNorm can't train on one; "
+                          "use trainer.drop_last=true, another trainer.batch_size or model.pool_norm=none")
     return train_loader, make_val_loader(cfg, val_ds, runtime)
 
 

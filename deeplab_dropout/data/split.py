@@ -170,6 +170,15 @@ def select_split(presence: dict[str, list[int]], fraction: float, seed: int,
     return sorted(i for imgs in class_picks(presence, fraction, seed, "floor").values() for i in imgs)
 
 
+def per_class_list(presence: dict[str, list[int]]) -> list[str]:
+    """The authors' validation list (data.val_list=per_class): their code passed it through the training list's
+    per-class function at fraction 1.0, i.e. ``sorted(chain(*class lists))``: each image once per object class
+    1..20 it holds, the repeats adjacent, ids sorted; an image with no object class drops out (background is not
+    one of their class lists). They read the classes from ImageSets/Main (detection lists, which generated
+    data lacks); here they come from the masks (``class_presence``)."""
+    return sorted(i for i, classes in presence.items() for _ in classes)
+
+
 def mean_classes(presence: dict[str, list[int]], ids: list[str] | None = None) -> float:
     """Mean object classes per entry of `ids` (repeats count); without ids, over the pool images that
     hold at least one object class. 0.0 when there is nothing to average."""

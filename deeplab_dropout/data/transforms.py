@@ -61,10 +61,12 @@ class RandomRotation:
 
 @dataclass(frozen=True)
 class PadTo:
-    """Pad to at least (size, size): images with 0, masks with 255; centred or at the bottom/right."""
+    """Pad to at least (size, size): images with 0, masks with ``label_fill`` (255, void; the authors' code: 0,
+    background); centred or at the bottom/right."""
 
     size: int
     center: bool = False
+    label_fill: int = IGNORE_INDEX
 
     def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> Pair:
         h, w = img.shape[-2:]
@@ -72,7 +74,7 @@ class PadTo:
         if not (dh or dw):
             return img, mask
         padding = [dw // 2, dh // 2, dw - dw // 2, dh - dh // 2] if self.center else [0, 0, dw, dh]
-        return F.pad_image(img, padding, fill=0), F.pad_mask(mask, padding, fill=IGNORE_INDEX)
+        return F.pad_image(img, padding, fill=0), F.pad_mask(mask, padding, fill=self.label_fill)
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,8 @@ def get_transform(train: bool, data_cfg: Any) -> SegTransform:
             # Short side uniform in [lo, hi] × base_size (an integer short side, upper end included).
             RandomResize(max(1, round(base * lo)), max(1, round(base * hi)) + 1),
             *rotate,
-            PadTo(crop),
+            # data.label_pad: 255 (ignored) | 0 (the authors' code: the padding is trained as background).
+            PadTo(crop, label_fill=int(_get(data_cfg, "label_pad"))),
             RandomCrop(crop),
             RandomHorizontalFlip(float(_get(data_cfg, "flip_p"))),
             RandomGaussianBlur(float(_get(data_cfg, "blur_p")), float(radius[0]), float(radius[1])),

@@ -65,9 +65,10 @@ def xavier_init(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def upsample(x: Tensor, size) -> Tensor:
-    """Bilinear resize to ``size`` (H, W), corners not aligned."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+def upsample(x: Tensor, size, align_corners: bool = False) -> Tensor:
+    """Bilinear resize to ``size`` (H, W): every model's upsampling, ``align_corners`` from model.align_corners
+    (False; the authors' code: True)."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
 def encoder_level_sites(cfg) -> list[str]:

@@ -29,8 +29,9 @@ class FCN(SegmentationModel):
     """
 
     def __init__(self, backbone: str = "resnet101", num_classes: int = 21, output_stride: int = 8,
-                 freeze_backbone: bool = False) -> None:
+                 freeze_backbone: bool = False, align_corners: bool = False) -> None:
         super().__init__()
+        self.align_corners = align_corners
         self.backbone = ResNetBackbone(backbone, output_stride, (1,) * BACKBONES[backbone][0][3])
         # torchvision keeps the first block of a dilated stage at the previous rate (its COCO weights were
         # trained so); ResNetBackbone dilates every block as DeepLabv3 does.
@@ -44,7 +45,8 @@ class FCN(SegmentationModel):
         self.freeze_backbone = freeze_backbone
 
     def forward(self, x: Tensor) -> Tensor:
-        return upsample(self.decoder(self.backbone(x)[1]), x.shape[-2:])  # (layer1, layer4): FCN reads layer4
+        # (layer1, layer4): FCN reads layer4
+        return upsample(self.decoder(self.backbone(x)[1]), x.shape[-2:], self.align_corners)
 
     def train(self, mode: bool = True) -> FCN:
         """nn.Module.train, keeping a frozen backbone's BatchNorm layers in eval mode."""
@@ -75,7 +77,7 @@ def _fcn_weights(model: FCN, pretrained: str) -> None:
 
 def build(m) -> FCN:
     """The FCN of cfg.model ``m``, weights loaded, the backbone frozen if ``m.freeze_backbone``."""
-    model = FCN(m.backbone, int(m.num_classes), int(m.output_stride), bool(m.freeze_backbone))
+    model = FCN(m.backbone, int(m.num_classes), int(m.output_stride), bool(m.freeze_backbone), bool(m.align_corners))
     _fcn_weights(model, str(m.pretrained))
     for p in model.backbone.parameters() if model.freeze_backbone else ():
         p.requires_grad_(False)  # SGD skips parameters without a gradient

@@ -55,8 +55,9 @@ class SemanticHead(nn.Module):
     """Semantic-FPN head (Kirillov et al. 2019): per level 3x3 conv-BN-ReLU stacks, each conv of P3..P5
     followed by a x2 bilinear up (to the next finer level's size), summed at 1/4, then a 1x1 classifier."""
 
-    def __init__(self, cin: int, channels: int, num_classes: int) -> None:
+    def __init__(self, cin: int, channels: int, num_classes: int, align_corners: bool = False) -> None:
         super().__init__()
+        self.align_corners = align_corners
         self.levels = nn.ModuleList(
             nn.ModuleList(ConvBNReLU(cin if k == 0 else channels, channels, 3) for k in range(n))
             for n in FPN_HEAD_CONVS)
@@ -69,7 +70,7 @@ class SemanticHead(nn.Module):
             for k, conv in enumerate(convs):
                 x = conv(x)
                 if level:
-                    x = upsample(x, sizes[level - 1 - k])
+                    x = upsample(x, sizes[level - 1 - k], self.align_corners)
             out = out + x
         return self.classifier(out)
 
@@ -79,20 +80,21 @@ class FPN(SegmentationModel):
     with a segmentation head). Children: ``backbone`` (ResNet), ``aspp`` (FPN), ``decoder`` (head)."""
 
     def __init__(self, backbone: str = "resnet101", num_classes: int = 21, fpn_channels: int = 256,
-                 head_channels: int = 128) -> None:
+                 head_channels: int = 128, align_corners: bool = False) -> None:
         super().__init__()
+        self.align_corners = align_corners
         self.backbone = FPNBackbone(backbone)
         self.aspp = FPNContext(self.backbone.channels, fpn_channels)
-        self.decoder = SemanticHead(fpn_channels, head_channels, num_classes)
+        self.decoder = SemanticHead(fpn_channels, head_channels, num_classes, align_corners)
         init_head(self.decoder)
 
     def forward(self, x: Tensor) -> Tensor:
-        return upsample(self.decoder(self.aspp(self.backbone(x))), x.shape[-2:])
+        return upsample(self.decoder(self.aspp(self.backbone(x))), x.shape[-2:], self.align_corners)
 
 
 def build(m) -> FPN:
     """The FPN of cfg.model ``m``, backbone weights loaded."""
-    model = FPN(m.backbone, int(m.num_classes), int(m.fpn_channels), int(m.head_channels))
+    model = FPN(m.backbone, int(m.num_classes), int(m.fpn_channels), int(m.head_channels), bool(m.align_corners))
     load_backbone_weights(model.backbone, str(m.pretrained))
     return model
 

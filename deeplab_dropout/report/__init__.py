@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 
 from deeplab_dropout.cli import command
 from deeplab_dropout.report.figures import draw_figures
+from deeplab_dropout.report.reference import PAPER, REFERENCES, add_reference, reference_status
 from deeplab_dropout.report.tables import (
     COLUMN_SETS,
     Records,
@@ -24,11 +25,14 @@ __all__ = ["ReportCallback", "load_runs", "main", "report", "summarize"]
 
 
 def report(root: Path, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = FAMILIES[:1],
-           figures: bool = True, columns: str = "paper") -> str:
-    """Build the report of ``root``; write report.md (the column set ``columns``), report.csv, report.json and
-    (``figures``) the plots and image sheets there; return the markdown text."""
+           figures: bool = True, columns: str = "paper", reference: str = PAPER) -> str:
+    """Build the report of ``root``; write report.md (the column set ``columns``; the paper's Tables 3/4 beside
+    ours with ``reference`` paper when the runs are VOC 2012), report.csv, report.json and (``figures``) the
+    plots and image sheets there; return the markdown text."""
     if columns not in COLUMN_SETS:
         raise ValueError(f"columns={columns!r} is invalid: expected one of {', '.join(COLUMN_SETS)}")
+    if reference not in REFERENCES:
+        raise ValueError(f"reference={reference!r} is invalid: expected one of {', '.join(REFERENCES)}")
     root = Path(root)
     unusable: list[dict] = []
     runs = load_runs(root, unusable)
@@ -37,9 +41,12 @@ def report(root: Path, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[
                                 else f"no results.json under {root}")
     records = Records()  # each per_image.npz read once, for the bootstrap and the plots
     table = summarize(runs, n_boot, boot_seed, records)
+    shown = reference_status(runs, reference)
+    if shown["shown"]:
+        add_reference(table, shown["statistics"])
     drawn = draw_figures(root, table, runs, records, sheets) if figures else []
     return write_report(root, table, not_counted(table, unusable), drawn, columns,
-                        {"n_boot": n_boot, "seed": boot_seed, "level": 0.95})
+                        {"n_boot": n_boot, "seed": boot_seed, "level": 0.95}, shown)
 
 
 class ReportCallback(Callback):
@@ -47,15 +54,16 @@ class ReportCallback(Callback):
     arguments) and say where to point TensorBoard."""
 
     def __init__(self, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = FAMILIES[:1],
-                 figures: bool = True, columns: str = "paper") -> None:
+                 figures: bool = True, columns: str = "paper", reference: str = PAPER) -> None:
         checks = [(f"sheets={list(sheets)}", all(kind in FAMILIES for kind in sheets),
                    f"types among {', '.join(FAMILIES)}"), (f"n_boot={n_boot}", n_boot >= 1, "at least 1"),
-                  (f"columns={columns!r}", columns in COLUMN_SETS, f"one of {', '.join(COLUMN_SETS)}")]
+                  (f"columns={columns!r}", columns in COLUMN_SETS, f"one of {', '.join(COLUMN_SETS)}"),
+                  (f"reference={reference!r}", reference in REFERENCES, f"one of {', '.join(REFERENCES)}")]
         for value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"hydra.callbacks.report: {value} is invalid: expected {expected}")
         self.options = {"n_boot": n_boot, "boot_seed": boot_seed, "sheets": list(sheets), "figures": figures,
-                        "columns": columns}
+                        "columns": columns, "reference": reference}
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -71,7 +79,9 @@ DESCRIPTION = """Read every run's results.json (and per_image.npz, predictions/)
 recursively, and write the study's tables there: report.md (the paper's Table 3/4 per schedule, ΔmIoU vs
 `none` with a paired bootstrap CI, the ramp's bold), report.csv (one row per experiment × schedule, every
 column), report.json (the same, nested), and the plots: delta_vs_none.png, curves.png, per_image.png,
-class_iou.png, and image sheets sheet_<type>_<schedule>.png. Prints report.md."""
+class_iou.png, and image sheets sheet_<type>_<schedule>.png. For runs of VOC 2012 (not the generated data),
+the paper's Tables 3/4 beside ours, with Δ vs paper where the columns measure the same thing, and
+reference_vs_paper.png. Prints report.md."""
 EPILOG = f"""examples:
   deeplab-dropout-report outputs/demo
   deeplab-dropout-report multirun/2026-11-29/10-00-00 --n-boot 10000 --sheets {" ".join(FAMILIES)}"""
@@ -91,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", choices=list(COLUMN_SETS), default="paper",
                         help="report.md's columns: paper (Table 3/4, default) | course (the VOC 2007 course "
                         "report's: pixel accuracy, mIoU); report.csv/json hold every column")
+    parser.add_argument("--reference", choices=list(REFERENCES), default=PAPER,
+                        help="paper (default): the paper's Tables 3/4 beside ours when the runs are VOC 2012 | none")
     args = parser.parse_args(argv)
     if args.n_boot < 1:
         parser.error(f"--n-boot={args.n_boot} is invalid: must be at least 1")
     print(report(args.dir, args.n_boot, args.boot_seed, args.sheets, figures=not args.no_figures,
-                 columns=args.columns))
+                 columns=args.columns, reference=args.reference))
     return 0

@@ -1,5 +1,6 @@
-"""The report's figures: ΔmIoU vs none, validation mIoU curves, per-image mIoU boxes, the class IoU heat map
-and the image sheets of saved predictions.
+"""The report's figures: ΔmIoU vs none, validation mIoU curves, per-image mIoU boxes, the class IoU heat map,
+our Mean mIoU against the paper's (when the report shows the paper's tables) and the image sheets of saved
+predictions.
 
 Each ``*_figure`` function draws one Figure from plain data; ``draw_figures`` shapes that data from the report's
 table rows and the runs' files, and saves each figure that has data as a PNG.
@@ -32,7 +33,9 @@ from deeplab_dropout.results import PREDICTIONS  # noqa: E402
 from deeplab_dropout.study import (  # noqa: E402
     BASELINE,
     BASELINE_COLOUR,
+    CELLS,
     FAMILIES,
+    FAMILY_COLORMAPS,
     SCHEDULES,
     cell_of,
     cell_shade,
@@ -44,7 +47,9 @@ DPI = 100
 SHEET_DPI = 80
 MAX_SHEET_ROWS = 30
 FILES = {"delta": "delta_vs_none.png", "curves": "curves.png", "per_image": "per_image.png",
-         "class_iou": "class_iou.png"}
+         "class_iou": "class_iou.png", "reference": "reference_vs_paper.png"}
+SCHEDULE_MARKERS = ("o", "s", "^", "D", "v")  # by schedule, in _schedules order (constant, linear, others)
+OTHER_COLOUR = (0.5, 0.5, 0.5, 1.0)  # rows that are not a Table 2 cell (pretrained-base)
 _EPOCH_PNG = re.compile(r"epoch_(\d+)\.png")
 
 
@@ -309,7 +314,59 @@ def class_iou_figure(rows: list[tuple[str, list[float | None]]], class_names: li
     return fig
 
 
-# ---- (e) image sheets --------------------------------------------------------------------------------
+# ---- (e) ours vs the paper -------------------------------------------------------------------------
+
+def reference_points(table: dict[str, list[dict]]) -> list[dict]:
+    """``reference_figure``'s points: every row with the paper's value and a Mean mIoU of ours, each row once
+    per schedule: {label, cell, schedule, ours, ci, paper}."""
+    return [{"label": row["label"], "cell": row["cell"], "schedule": schedule, "ours": row["columns"]["mean"][0],
+             "ci": row["columns"]["mean"][1], "paper": row["paper"]["values"]["mean"]}
+            for schedule, rows in table.items() for row in rows
+            if "paper" in row and row["columns"]["mean"][0] is not None]
+
+
+def _row_colour(cell: str) -> tuple:
+    """`none` black, a Table 2 cell a shade of its family, anything else (pretrained-base) grey."""
+    if cell == BASELINE:
+        return BASELINE_COLOUR
+    if cell not in CELLS:
+        return OTHER_COLOUR
+    colormap, position = cell_shade(cell)
+    return plt.get_cmap(colormap)(position)
+
+
+def reference_figure(points: list[dict]) -> plt.Figure:
+    """Our Mean mIoU (95% CI over seeds as error bars) against the paper's, one marker per cell and schedule
+    (colour: the cell's family, shape: the schedule), with the line y = x."""
+    if not points:
+        raise ValueError("reference_figure: no points to draw")
+    schedules = _schedules(p["schedule"] for p in points)
+    markers = {s: SCHEDULE_MARKERS[i % len(SCHEDULE_MARKERS)] for i, s in enumerate(schedules)}
+    fig, ax = plt.subplots(figsize=(7.5, 6.0), layout="constrained")
+    for p in points:
+        colour = _row_colour(p["cell"])
+        ax.errorbar([p["paper"]], [p["ours"]], yerr=None if p["ci"] is None else [[p["ci"]], [p["ci"]]],
+                    fmt=markers[p["schedule"]], color=colour, mec="black", mew=0.5, ms=7, capsize=3, zorder=3)
+        ax.annotate(p["label"], (p["paper"], p["ours"]), xytext=(4, 3), textcoords="offset points", fontsize=6)
+    ends = [v for p in points for v in (p["paper"], p["ours"] - (p["ci"] or 0), p["ours"] + (p["ci"] or 0))]
+    lo, hi = min(ends) - 0.02, max(ends) + 0.02
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="y = x", zorder=1)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("paper's Mean mIoU (Tables 3 and 4)")
+    ax.set_ylabel("our Mean mIoU (95% CI over seeds)")
+    ax.set_title("Mean mIoU: ours vs the paper's")
+    ax.grid(alpha=0.3)
+    kinds = list(dict.fromkeys(family(p["cell"]) for p in points))
+    handles = [Line2D([], [], marker=markers[s], ls="", color="grey", label=f"schedule: {s}") for s in schedules]
+    handles += [Patch(color=plt.get_cmap(FAMILY_COLORMAPS[k])(0.7) if k in FAMILY_COLORMAPS else _row_colour(k),
+                      label=k) for k in sorted(kinds, key=family_rank)]
+    handles.append(Line2D([], [], color="grey", ls="--", label="y = x"))
+    ax.legend(handles=handles, loc="best", fontsize="small")
+    return fig
+
+
+# ---- (f) image sheets --------------------------------------------------------------------------------
 
 def sheet_runs(table: dict[str, list[dict]], schedule: str, kind: str, by_path: dict[str, dict]) -> list:
     """(label, run dir) for a sheet: `none` and each ``kind`` row under ``schedule``, its lowest seed's run."""
@@ -485,8 +542,9 @@ def sheet_figure(runs: list[tuple[str, Path]], class_names: list[str]) -> plt.Fi
 
 def draw_figures(root: Path, table: dict[str, list[dict]], runs: list[dict], records: Records,
                  sheets: Iterable[str] = FAMILIES[:1]) -> list[Path]:
-    """Draw the four plots (each one that has data) and the image sheets of ``sheets`` (dropout families) into
-    ``root``; returns the files written. A sheet none of whose runs saved predictions is left out."""
+    """Draw the plots (each one that has data; ours vs the paper only where rows have the paper's values) and the
+    image sheets of ``sheets`` (dropout families) into ``root``; returns the files written. A sheet none of whose
+    runs saved predictions is left out."""
     by_path = {r["path"]: r for r in runs}
     rows = class_rows(table, by_path)
     names = class_names_for(max((len(v) for _, v in rows), default=len(VOC_CLASSES)))
@@ -495,7 +553,8 @@ def draw_figures(root: Path, table: dict[str, list[dict]], runs: list[dict], rec
              (FILES["curves"], val_curves(table, by_path), curves_figure),
              (FILES["per_image"], dists if any(v for d in dists.values() for v in d.values()) else {},
               per_image_figure),
-             (FILES["class_iou"], rows, partial(class_iou_figure, class_names=names))]
+             (FILES["class_iou"], rows, partial(class_iou_figure, class_names=names)),
+             (FILES["reference"], reference_points(table), reference_figure)]
     drawn = [save_figure(draw(data), root / name) for name, data, draw in plans if data]
     for kind in sheets:
         for schedule in table:

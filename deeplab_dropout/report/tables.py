@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from deeplab_dropout import paper
 from deeplab_dropout.config import one_line
 from deeplab_dropout.report.stats import mean_ci, paired_bootstrap
 from deeplab_dropout.results import BEST, PER_IMAGE, atomic_write, read_per_image, write_json
@@ -40,6 +41,7 @@ HIGHER_IS_BETTER = {"mean": True, "min": True, "median": True, "max": True, "mio
                     "val_loss": False}
 MARK = "†"
 DELTA, UP, DOWN = "ΔmIoU vs none [95% CI]", "▲", "▼"
+NOT_COMPARABLE = "n/c"  # a paper column that does not measure what ours does
 FOOTNOTE = f"{MARK} the same run(s) in every table: without a regulariser the schedule changes nothing"
 ABSENT = "(unset)"
 MAX_LABEL_KEYS = 3  # a row label lists at most this many distinguishing keys (else its sweep folder)
@@ -375,10 +377,15 @@ def _delta_text(vs: dict | None) -> str:
     return f"{vs['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark}"
 
 
+def row_text(row: dict) -> str:
+    """A row's label as a markdown table shows it: † when it is the same run(s) under every schedule."""
+    return (row["label"] + (f" {MARK}" if row["every_schedule"] else "")).replace("|", "\\|")
+
+
 def format_row(row: dict, shown: tuple[str, ...] = COLUMN_SETS["paper"]) -> str:
     """One markdown table line of the columns ``shown``; those a ramp improved (over the constant schedule) in
     bold."""
-    label = (row["label"] + (f" {MARK}" if row["every_schedule"] else "")).replace("|", "\\|")
+    label = row_text(row)
     cols = [_cell_text(c, *row["columns"][c]) for c in shown]
     cols = [f"**{text}**" if c in row["ramp_better"] else text for c, text in zip(shown, cols, strict=True)]
     status = ", ".join(f"{s}×{n}" for s, n in row["status"].items())
@@ -395,9 +402,45 @@ def table_notes(rows: list[dict]) -> list[str]:
     return notes
 
 
-def format_table(table: dict[str, list[dict]], columns: str = "paper") -> str:
-    """Markdown tables of the column set ``columns`` (COLUMN_SETS), one per schedule, with the notes and the
-    eval commands under each."""
+def _paper_text(column: str, ref: dict, comparable: list[str]) -> str:
+    value = f"{ref['values'][column]:.2f}"
+    if column not in comparable:
+        return f"{value} ({NOT_COMPARABLE})"
+    delta = ref["delta"][column]
+    return value + ("" if delta is None else f" (Δ {delta:+.4f})")
+
+
+def format_reference(rows: list[dict], reference: dict) -> list[str]:
+    """The paper's table beside the rows it has (its value and Δ vs paper per column), with the n/c note;
+    no lines when no row has one."""
+    rows = [row for row in rows if "paper" in row]
+    if not rows:
+        return []
+    out = [f"The paper's Table {rows[0]['paper']['table']} beside these rows: its value (Δ vs paper = ours − "
+           "paper)", "", "| Experiment | " + " | ".join(COLUMNS[c] for c in paper.COLUMNS) + " |",
+           "|---" * (len(paper.COLUMNS) + 1) + "|"]
+    for row in rows:
+        out.append(f"| {row_text(row)} | " + " | ".join(_paper_text(c, row["paper"], reference["comparable"])
+                                                for c in paper.COLUMNS) + " |")
+    return out + ([""] + [reference["note"]] if reference.get("note") else [])
+
+
+def reference_line(reference: dict | None) -> str | None:
+    """report.md's one line on the paper's tables: where they are shown, or why not (None: not asked about)."""
+    if reference is None:
+        return None
+    if not reference["shown"]:
+        return f"paper reference: not shown: {reference['reason']}"
+    compared = ", ".join(COLUMNS[c] for c in reference["comparable"])
+    tables = " and ".join(f"{t.number} ({t.schedule})" for t in paper.TABLES.values())
+    return (f"paper reference: the paper's Tables {tables} under each table of that schedule; "
+            f"Δ vs paper = ours − paper in {compared}, {NOT_COMPARABLE} where the paper's statistics "
+            f"(over validation batches of {paper.BATCH_SIZE}) do not measure what ours do")
+
+
+def format_table(table: dict[str, list[dict]], columns: str = "paper", reference: dict | None = None) -> str:
+    """Markdown tables of the column set ``columns`` (COLUMN_SETS), one per schedule, with the notes, the
+    paper's table beside them (when ``reference`` is shown) and the eval commands under each."""
     out, shown = [], COLUMN_SETS[columns]
     for schedule, rows in table.items():
         out.append(f"### schedule = {schedule}\n")
@@ -406,6 +449,8 @@ def format_table(table: dict[str, list[dict]], columns: str = "paper") -> str:
         out += [format_row(row, shown) for row in rows]
         notes = table_notes(rows)
         out += [""] + notes if notes else []
+        beside = format_reference(rows, reference) if reference and reference["shown"] else []
+        out += [""] + beside if beside else []
         commands = [f"- {row['label']}, seed {r['seed']}: `{r['eval']}`" for row in rows for r in row["runs"]
                     if r.get("eval")]
         out += ["", "Evaluate a run again:", ""] + commands if commands else []
@@ -444,6 +489,8 @@ CSV_FIELDS = ["schedule", "experiment", "cell", "every_schedule", "n", "seeds",
               *[f"{c}{suffix}" for c in COLUMNS for suffix in ("", "_ci95")],
               "delta_miou", "delta_ci_low", "delta_ci_high", "delta_excludes_zero", "delta_method", "delta_note",
               "ramp_better", "status", "runs"]
+# Added at the end when the paper's tables are shown: its table number, each column's value and Δ vs paper.
+REFERENCE_FIELDS = ["paper_table", *[f"{kind}_{c}" for c in paper.COLUMNS for kind in ("paper", "delta_paper")]]
 
 
 def csv_rows(table: dict[str, list[dict]]) -> list[dict]:
@@ -463,14 +510,19 @@ def csv_rows(table: dict[str, list[dict]]) -> list[dict]:
             flat.update(delta_miou=vs.get("delta"), delta_ci_low=ci[0], delta_ci_high=ci[1],
                         delta_excludes_zero=vs.get("excludes_zero"), delta_method=vs.get("method"),
                         delta_note=vs.get("reason"))
+            if "paper" in row:
+                ref = row["paper"]
+                flat["paper_table"] = ref["table"]
+                for c in paper.COLUMNS:
+                    flat[f"paper_{c}"], flat[f"delta_paper_{c}"] = ref["values"][c], ref["delta"][c]
             out.append(flat)
     return out
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """``rows`` as CSV with the CSV_FIELDS header (None as an empty field), written atomically."""
+def write_csv(path: Path, rows: list[dict], fields: list[str] = CSV_FIELDS) -> None:
+    """``rows`` as CSV with the ``fields`` header (None as an empty field), written atomically."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
     atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
@@ -489,14 +541,17 @@ HEADER = ("Best epoch of each run (by its monitor). ± is a 95% t-interval over 
 
 
 def write_report(root: Path, table: dict[str, list[dict]], missing: list[dict], figures: list[Path],
-                 columns: str, bootstrap: dict) -> str:
-    """Write report.md (the column set ``columns``, the figures linked), report.csv and report.json into
-    ``root``; return the markdown text."""
-    text = (f"# deeplab-dropout report: {root}\n\n{HEADER}\n\n" + format_table(table, columns)
+                 columns: str, bootstrap: dict, reference: dict | None = None) -> str:
+    """Write report.md (the column set ``columns``, the paper's tables if ``reference`` shows them, the figures
+    linked), report.csv and report.json into ``root``; return the markdown text."""
+    line = reference_line(reference)
+    text = (f"# deeplab-dropout report: {root}\n" + ("" if line is None else f"{line}\n") + f"\n{HEADER}\n\n"
+            + format_table(table, columns, reference)
             + format_not_counted(missing)
             + "".join(f"\n![{p.stem}]({p.name})\n" for p in figures))
     atomic_write(root / "report.md", lambda f: f.write(text.encode()))
-    write_csv(root / "report.csv", csv_rows(table))
+    shown = reference is not None and reference["shown"]
+    write_csv(root / "report.csv", csv_rows(table), CSV_FIELDS + REFERENCE_FIELDS if shown else CSV_FIELDS)
     write_json(root / "report.json", {"tables": table, "not_counted": missing, "figures": [p.name for p in figures],
-                                      "bootstrap": bootstrap})
+                                      "bootstrap": bootstrap, **({} if reference is None else {"reference": reference})})
     return text
