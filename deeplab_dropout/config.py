@@ -60,6 +60,9 @@ DATA_CACHES = ("auto", "ram", "off")
 VAL_CACHES = ("auto", "ram", "device", "off")
 MONITORS = ("miou", "pixel_acc", "per_image_miou_mean", "batch_miou_mean")
 RESUME = ("auto", "never")
+FIDELITIES = ("paper", "authors_code")  # the `fidelity` group: the paper's text | the authors' code
+# The `report` node: Table 3/4 statistics over images | batches; the Loss column's epoch; the paper's tables.
+REPORT_OPTIONS = {"statistics": ("image", "batch"), "loss_epoch": ("best", "min"), "reference": ("paper", "none")}
 
 
 class ConfigError(ValueError):
@@ -347,6 +350,14 @@ def _trainer(cfg: DictConfig) -> None:
             _number(f"trainer.{key}", t[key], 1, integer=True)
 
 
+def _fidelity_and_report(cfg: DictConfig) -> None:
+    """The `fidelity` preset's name and how the report shows the runs (`report`)."""
+    _one_of("fidelity", cfg.get("fidelity", "paper"), FIDELITIES)
+    report = cfg.get("report") or {}
+    for key, allowed in REPORT_OPTIONS.items():
+        _one_of(f"report.{key}", report.get(key, allowed[0]), allowed)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value in a composed train/eval config."""
     _one_of("dropout.name", cfg.dropout.name, DROPOUT_NAMES)
@@ -356,6 +367,7 @@ def validate(cfg: DictConfig) -> None:
     _dropout_and_schedule(cfg)
     _optim_and_loss(cfg)
     _trainer(cfg)
+    _fidelity_and_report(cfg)
     _number("seed", cfg.seed, 0, integer=True)
 
 

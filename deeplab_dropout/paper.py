@@ -94,10 +94,13 @@ def paper_values(schedule: str, row: str) -> PaperTable | None:
     return table if table is not None and row in table.rows else None
 
 
-def comparable_columns(statistics: str = "image") -> tuple[str, ...]:
+def comparable_columns(statistics: str = "image", loss_epoch: str = "best") -> tuple[str, ...]:
     """The COLUMNS a report with these statistics shares with the paper: with ``image`` (over validation
     images) only Mean mIoU (the mean of equal batches' means is the mean over images); with ``batch`` (the
-    paper's describe() over batches of 8, Loss at the epoch of lowest validation loss) all six."""
+    paper's describe() over batches of 8) the five mIoU columns, and the Loss too with ``loss_epoch`` min
+    (the paper's: the epoch of lowest validation loss)."""
     if statistics not in STATISTICS:
         raise ValueError(f"statistics={statistics!r} is invalid: expected one of {', '.join(STATISTICS)}")
-    return COLUMNS if statistics == "batch" else COLUMNS[:1]
+    if statistics != "batch":
+        return COLUMNS[:1]
+    return COLUMNS if loss_epoch == "min" else tuple(c for c in COLUMNS if c != "val_loss")

@@ -19,7 +19,8 @@ from deeplab_dropout.study import UNREGULARISED
 ADDED_KEYS = {"data.year": 2012, "data.augment.rotation_degrees": 0, "data.augment.repeats": 1,
               "loss.class_weights": "none", "optim.schedule": "poly", "optim.eta_min": 0.0,
               "trainer.early_stop_patience": None, "trainer.profile": False, "data.label_pad": 255,
-              "data.val_list": "unique", "model.align_corners": False, "trainer.drop_last": True}
+              "data.val_list": "unique", "model.align_corners": False, "trainer.drop_last": True,
+              "fidelity": "paper"}
 ADDED_COPIES = {"optim.t_max_epochs": "trainer.epochs"}
 REGULARISER_GROUPS = ("dropout", "placement", "schedule")  # nothing computed changes with them in `none`
 

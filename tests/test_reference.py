@@ -10,7 +10,7 @@ import pytest
 from test_report import fake_run
 
 from deeplab_dropout.paper import COLUMNS, TABLE_3, TABLE_4, TABLES, comparable_columns
-from deeplab_dropout.report import ReportCallback, main
+from deeplab_dropout.report import main, report
 from deeplab_dropout.report.tables import CSV_FIELDS
 from deeplab_dropout.study import TABLE_ORDER
 
@@ -35,7 +35,8 @@ def test_tables_hold_the_papers_rows_and_values():
 
 def test_comparable_columns_depend_on_the_statistics():
     assert comparable_columns() == comparable_columns("image") == ("mean",)
-    assert comparable_columns("batch") == COLUMNS
+    assert comparable_columns("batch", "min") == COLUMNS
+    assert comparable_columns("batch") == tuple(c for c in COLUMNS if c != "val_loss")
     with pytest.raises(ValueError, match="statistics='epoch' is invalid"):
         comparable_columns("epoch")
 
@@ -128,5 +129,5 @@ def test_bad_reference_option_fails_in_one_line(tmp_path, capsys):
         main([str(tmp_path), "--reference", "table9"])
     assert exit_info.value.code == 2 and "--reference: invalid choice: 'table9'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="reference='table9' is invalid: expected one of paper, none"):
-        ReportCallback(reference="table9")
+        report(tmp_path, reference="table9")
 

@@ -200,7 +200,7 @@ def test_errors_name_the_problem():
         paired_bootstrap({0: run}, {0: PerImage(run.ids, run.counts[:, :20])})
     with pytest.raises(ValueError, match="non-negative integers"):
         paired_bootstrap({0: run}, {0: PerImage(run.ids, run.counts * -1)})
-    with pytest.raises(ValueError, match="duplicate image ids"):
+    with pytest.raises(ValueError, match="base seed 0: its image ids repeat .* the two lists differ"):
         paired_bootstrap({0: PerImage(["a"] * 10, run.counts)}, {0: run})
     with pytest.raises(ValueError, match="n_boot must be an integer >= 1, got 0"):
         paired_bootstrap({0: run}, {0: run}, n_boot=0)
@@ -231,3 +231,18 @@ def test_mean_ci_t_interval():
     assert two == (2.0, pytest.approx(12.706205, rel=1e-12))
     many = [float(i % 5) for i in range(40)]  # df=39, past the table: the normal 1.96
     assert mean_ci(many)[1] == pytest.approx(1.96 * statistics.stdev(many) / math.sqrt(40), rel=1e-12)
+
+
+def test_runs_listing_images_once_per_class_pair_by_position():
+    # data.val_list=per_class repeats an image once per class it holds: identical lists pair position by
+    # position, so the result equals that of the same counts under distinct ids.
+    rng = np.random.default_rng(5)
+    counts = [rng.integers(0, 50, size=(6, K, 2)).astype(np.int32) for _ in range(2)]
+    for c in counts:
+        c[..., 1] = np.maximum(c[..., 0], c[..., 1])
+    repeated, distinct = ["a", "a", "b", "c", "c", "c"], [f"i{n}" for n in range(6)]
+    out = paired_bootstrap({0: PerImage(repeated, counts[0])}, {0: PerImage(repeated, counts[1])}, n_boot=200)
+    ref = paired_bootstrap({0: PerImage(distinct, counts[0])}, {0: PerImage(distinct, counts[1])}, n_boot=200)
+    assert out == ref
+    with pytest.raises(ValueError, match="the two lists differ"):
+        paired_bootstrap({0: PerImage(repeated, counts[0])}, {0: PerImage(repeated[::-1], counts[1])})

@@ -9,8 +9,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from deeplab_dropout.cli import command
+from deeplab_dropout.config import REPORT_OPTIONS
 from deeplab_dropout.report.figures import draw_figures
-from deeplab_dropout.report.reference import PAPER, REFERENCES, add_reference, reference_status
+from deeplab_dropout.report.reference import add_reference, reference_status
 from deeplab_dropout.report.tables import (
     COLUMN_SETS,
     Records,
@@ -24,51 +25,65 @@ from deeplab_dropout.study import FAMILIES
 __all__ = ["ReportCallback", "load_runs", "main", "report", "summarize"]
 
 
+def from_runs(runs: list[dict], key: str) -> str:
+    """The runs' ``report.<key>`` (their config's `report` node) when they agree, else its default."""
+    values = {(run["config"].get("report") or {}).get(key) for run in runs} - {None}
+    return values.pop() if len(values) == 1 else REPORT_OPTIONS[key][0]
+
+
 def report(root: Path, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = FAMILIES[:1],
-           figures: bool = True, columns: str = "paper", reference: str = PAPER) -> str:
-    """Build the report of ``root``; write report.md (the column set ``columns``; the paper's Tables 3/4 beside
-    ours with ``reference`` paper when the runs are VOC 2012), report.csv, report.json and (``figures``) the
-    plots and image sheets there; return the markdown text."""
+           figures: bool = True, columns: str = "paper", reference: str | None = None,
+           statistics: str | None = None, loss_epoch: str | None = None) -> str:
+    """Build the report of ``root``; write report.md (the column set ``columns``; the Table 3/4 columns over
+    images or batches (``statistics``) with the Loss of the best or the lowest epoch (``loss_epoch``); the
+    paper's Tables 3/4 beside ours with ``reference`` paper when the runs are VOC 2012), report.csv,
+    report.json and (``figures``) the plots and image sheets there; return the markdown text. An option left
+    None is the runs' own ``report.*`` when they agree, else the default."""
     if columns not in COLUMN_SETS:
         raise ValueError(f"columns={columns!r} is invalid: expected one of {', '.join(COLUMN_SETS)}")
-    if reference not in REFERENCES:
-        raise ValueError(f"reference={reference!r} is invalid: expected one of {', '.join(REFERENCES)}")
+    options = {"reference": reference, "statistics": statistics, "loss_epoch": loss_epoch}
+    for key, value in options.items():
+        if value is not None and value not in REPORT_OPTIONS[key]:
+            raise ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(REPORT_OPTIONS[key])}")
     root = Path(root)
     unusable: list[dict] = []
     runs = load_runs(root, unusable)
     if not runs:
         raise FileNotFoundError(f"no usable results.json under {root} (see the warnings)" if unusable
                                 else f"no results.json under {root}")
+    options = {key: value if value is not None else from_runs(runs, key) for key, value in options.items()}
     records = Records()  # each per_image.npz read once, for the bootstrap and the plots
-    table = summarize(runs, n_boot, boot_seed, records)
-    shown = reference_status(runs, reference)
+    table = summarize(runs, n_boot, boot_seed, records, options["statistics"], options["loss_epoch"])
+    shown = reference_status(runs, options["reference"], options["statistics"], options["loss_epoch"])
     if shown["shown"]:
-        add_reference(table, shown["statistics"])
+        add_reference(table, shown["comparable"])
     drawn = draw_figures(root, table, runs, records, sheets) if figures else []
     return write_report(root, table, not_counted(table, unusable), drawn, columns,
-                        {"n_boot": n_boot, "seed": boot_seed, "level": 0.95}, shown)
+                        {"n_boot": n_boot, "seed": boot_seed, "level": 0.95}, shown, options["statistics"],
+                        options["loss_epoch"])
 
 
 class ReportCallback(Callback):
     """At the end of a multirun: write and print the report (``hydra.callbacks.report.*`` are ``report``'s
-    arguments) and say where to point TensorBoard."""
+    arguments, the sweep's ``report.*`` its statistics, Loss epoch and reference) and say where to point
+    TensorBoard."""
 
     def __init__(self, n_boot: int = 2000, boot_seed: int = 0, sheets: Iterable[str] = FAMILIES[:1],
-                 figures: bool = True, columns: str = "paper", reference: str = PAPER) -> None:
+                 figures: bool = True, columns: str = "paper") -> None:
         checks = [(f"sheets={list(sheets)}", all(kind in FAMILIES for kind in sheets),
                    f"types among {', '.join(FAMILIES)}"), (f"n_boot={n_boot}", n_boot >= 1, "at least 1"),
-                  (f"columns={columns!r}", columns in COLUMN_SETS, f"one of {', '.join(COLUMN_SETS)}"),
-                  (f"reference={reference!r}", reference in REFERENCES, f"one of {', '.join(REFERENCES)}")]
+                  (f"columns={columns!r}", columns in COLUMN_SETS, f"one of {', '.join(COLUMN_SETS)}")]
         for value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"hydra.callbacks.report: {value} is invalid: expected {expected}")
         self.options = {"n_boot": n_boot, "boot_seed": boot_seed, "sheets": list(sheets), "figures": figures,
-                        "columns": columns, "reference": reference}
+                        "columns": columns}
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        shown = {key: config.report[key] for key in REPORT_OPTIONS} if "report" in config else {}
         try:
-            print(report(sweep_dir, **self.options))
+            print(report(sweep_dir, **self.options, **shown))
         except FileNotFoundError:
             return
         print(f"results: {sweep_dir}/*/results.json  report: {sweep_dir / 'report.md'} (.csv, .json, *.png)")
@@ -101,11 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", choices=list(COLUMN_SETS), default="paper",
                         help="report.md's columns: paper (Table 3/4, default) | course (the VOC 2007 course "
                         "report's: pixel accuracy, mIoU); report.csv/json hold every column")
-    parser.add_argument("--reference", choices=list(REFERENCES), default=PAPER,
-                        help="paper (default): the paper's Tables 3/4 beside ours when the runs are VOC 2012 | none")
+    parser.add_argument("--reference", choices=REPORT_OPTIONS["reference"],
+                        help="paper: the paper's Tables 3/4 beside ours when the runs are VOC 2012 | none "
+                        "(default: the runs' report.reference, else paper)")
+    parser.add_argument("--statistics", choices=REPORT_OPTIONS["statistics"],
+                        help="Table 3/4 columns over validation images | batch: over batches of trainer.batch_size "
+                        "images, as the authors (default: the runs' report.statistics, else image)")
+    parser.add_argument("--loss-epoch", choices=REPORT_OPTIONS["loss_epoch"],
+                        help="the Loss column at the best epoch | min: the lowest over the epochs, as the authors "
+                        "(default: the runs' report.loss_epoch, else best)")
     args = parser.parse_args(argv)
     if args.n_boot < 1:
         parser.error(f"--n-boot={args.n_boot} is invalid: must be at least 1")
     print(report(args.dir, args.n_boot, args.boot_seed, args.sheets, figures=not args.no_figures,
-                 columns=args.columns, reference=args.reference))
+                 columns=args.columns, reference=args.reference, statistics=args.statistics,
+                 loss_epoch=args.loss_epoch))
     return 0

@@ -52,8 +52,6 @@ def _counts(run: PerImageLike, where: str) -> np.ndarray:
     ids = list(run.ids)
     if counts.ndim != 3 or counts.shape[2] != 2 or counts.shape[0] != len(ids):
         raise ValueError(f"{where}: counts shape {counts.shape} is not (N={len(ids)}, K, 2)")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{where}: {len(ids) - len(set(ids))} duplicate image ids")
     if not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
         raise ValueError(f"{where}: counts must be non-negative integers (got dtype {counts.dtype})")
     return counts.astype(np.int64)
@@ -61,9 +59,12 @@ def _counts(run: PerImageLike, where: str) -> np.ndarray:
 
 def _aligned(cell: Mapping[int, PerImageLike], base: Mapping[int, PerImageLike],
              seeds: list[int]) -> tuple[list[str], np.ndarray]:
-    """The common image ids (the first seed's cell order) and counts (N, S, 2 = cell/base, K, 2) in it."""
+    """The common image ids (the first seed's cell order) and counts (N, S, 2 = cell/base, K, 2) in it. Runs
+    whose lists repeat an image (data.val_list=per_class) pair by position and must list the same ids in the
+    same order."""
     ref = list(cell[seeds[0]].ids)
     position = {image: i for i, image in enumerate(ref)}
+    repeats = len(position) != len(ref)
     stacked, k = [], None
     for seed in seeds:
         for name, run in (("cell", cell[seed]), ("base", base[seed])):
@@ -71,6 +72,13 @@ def _aligned(cell: Mapping[int, PerImageLike], base: Mapping[int, PerImageLike],
             if k is not None and counts.shape[1] != k:
                 raise ValueError(f"{name} seed {seed}: K = {counts.shape[1]} classes, expected {k}")
             k = counts.shape[1]
+            if repeats or len(set(run.ids)) != len(run.ids):
+                if list(run.ids) != ref:
+                    raise ValueError(f"{name} seed {seed}: its image ids repeat or those of cell seed {seeds[0]} "
+                                     "do, and the two lists differ (runs of data.val_list=per_class pair by "
+                                     "position: every run must list the same images in the same order)")
+                stacked.append(counts)
+                continue
             unmatched = len(set(run.ids) ^ position.keys())
             if unmatched:
                 raise ValueError(f"{name} seed {seed}: {unmatched} image ids unmatched with cell seed "

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import shlex
+import statistics
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -115,13 +116,41 @@ def load_runs(root: Path, unusable: list[dict] | None = None) -> list[dict]:
     return runs
 
 
-def best_values(run: dict) -> dict[str, float | None] | None:
-    """The table's columns from a completed run's best epoch (None when it has none to count)."""
+def describe(values: list[float]) -> dict[str, float | None]:
+    """pandas' describe() of ``values`` as the authors' notebook read it: mean, std (ddof 1), min, median, max."""
+    if not values:
+        return dict.fromkeys(PER_IMAGE_COLUMNS)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "min": min(values), "median": statistics.median(values),
+            "max": max(values)}
+
+
+def epoch_loss(entry: dict, statistics: str) -> float | None:
+    """An evaluated epoch's validation loss: over the whole set (image), or the mean of its batches' (batch)."""
+    if statistics == "image":
+        return entry.get("val_loss")
+    losses = [v for v in entry.get("batch_loss") or [] if v is not None]
+    return sum(losses) / len(losses) if losses else None
+
+
+def best_values(run: dict, statistics: str = "image", loss_epoch: str = "best") -> dict[str, float | None] | None:
+    """The table's columns from a completed run's best epoch (None when it has none to count): the per-image
+    mIoU statistics over validation images (``statistics`` image) or describe() over the per-batch mean mIoU
+    (batch, the authors'); Loss at the best epoch, or the lowest over the evaluated epochs (``loss_epoch``
+    min, the authors')."""
     best = run.get("best")
     if run["status"] != "completed" or best is None:
         return None
-    values = {**{k: best["per_image_miou"][k] for k in PER_IMAGE_COLUMNS}, "val_loss": best["val_loss"],
-              "miou": best["miou"], "pixel_acc": best.get("pixel_acc"), "best_epoch": run["best_epoch"]}
+    if statistics == "batch":
+        spread = describe([v for v in best.get("batch_miou") or [] if v is not None])
+    else:
+        spread = {k: best["per_image_miou"][k] for k in PER_IMAGE_COLUMNS}
+    loss = epoch_loss(best, statistics)
+    if loss_epoch == "min":
+        losses = [v for e in run.get("history", []) if "miou" in e and (v := epoch_loss(e, statistics)) is not None]
+        loss = min(losses) if losses else None
+    values = {**spread, "val_loss": loss, "miou": best["miou"], "pixel_acc": best.get("pixel_acc"),
+              "best_epoch": run["best_epoch"]}
     # An undefined metric (NaN, written as null) is left out of that column, not averaged in.
     return {k: v if v is not None and math.isfinite(v) else None for k, v in values.items()}
 
@@ -203,11 +232,13 @@ def row_label(exp: dict, shown: dict[str, Any]) -> str:
     return exp["cell"] + (f" [{listed}]" if shown else "")
 
 
-def make_row(exp: dict, keys: set[str], every_schedule: bool) -> dict:
-    """A table row: label, the distinguishing key values, seeds, runs, duplicates, columns, status counts."""
+def make_row(exp: dict, keys: set[str], every_schedule: bool, statistics: str = "image",
+             loss_epoch: str = "best") -> dict:
+    """A table row: label, the distinguishing key values, seeds, runs, duplicates, columns (``best_values``'
+    with ``statistics`` and ``loss_epoch``), status counts."""
     shown = {k: exp["config"].get(k, ABSENT) for k in sorted(keys)}
     label = row_label(exp, shown)
-    counted = [(r, v) for r in exp["runs"] if (v := best_values(r)) is not None]
+    counted = [(r, v) for r in exp["runs"] if (v := best_values(r, statistics, loss_epoch)) is not None]
     columns = {}
     for c in COLUMNS:
         values = [v[c] for _, v in counted if v[c] is not None]
@@ -334,7 +365,8 @@ def compare(tables: dict[str, dict[str, dict]], experiments: dict[str, dict], n_
 
 
 def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0,
-              records: Records | None = None) -> dict[str, list[dict]]:
+              records: Records | None = None, statistics: str = "image", loss_epoch: str = "best"
+              ) -> dict[str, list[dict]]:
     """{schedule: [row, ...]} in Table 2 order, one row per experiment (see ``make_row`` for a row's fields),
     each regularised row compared with `none` (``vs_none``, ``n_boot`` resamples seeded by ``boot_seed``).
 
@@ -350,7 +382,8 @@ def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0,
             exp = experiments[key]
             same_cell = [experiments[k]["config"] for k in keys if experiments[k]["cell"] == exp["cell"]]
             distinguishing = differing_keys(same_cell) | wide[exp["cell"] == PRETRAINED_BASE]
-            tables[schedule][key] = make_row(exp, distinguishing, every_schedule=exp["cell"] in UNREGULARISED)
+            tables[schedule][key] = make_row(exp, distinguishing, exp["cell"] in UNREGULARISED, statistics,
+                                             loss_epoch)
     compare(tables, experiments, n_boot, boot_seed, records or Records())
     return {schedule: sorted(rows.values(), key=_order) for schedule, rows in tables.items()}
 
@@ -528,9 +561,21 @@ def write_csv(path: Path, rows: list[dict], fields: list[str] = CSV_FIELDS) -> N
     atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
 
 
+STATISTICS_TEXT = {
+    "image": "Mean/Std./Worst/Med./Best mIoU are over validation images",
+    "batch": "Mean/Std./Worst/Med./Best mIoU are describe() (std ddof 1) over the mean mIoU of consecutive "
+             "batches of trainer.batch_size validation images in list order, as the authors' notebook"}
+LOSS_TEXT = {"best": "Loss is the validation loss",
+             "min": "Loss is the lowest validation loss over the evaluated epochs, as the authors' notebook"}
+
+
+def header(statistics: str = "image", loss_epoch: str = "best") -> str:
+    """The paragraph under report.md's title: what the rows, columns and marks are."""
+    return HEADER.format(statistics=STATISTICS_TEXT[statistics], loss=LOSS_TEXT[loss_epoch])
+
+
 HEADER = ("Best epoch of each run (by its monitor). ± is a 95% t-interval over the seeds of one experiment; "
-          "rows are experiments: runs whose resolved configs differ only in seed. Mean/Std./Worst/Med./Best "
-          "mIoU are over validation images; Loss is the validation loss. "
+          "rows are experiments: runs whose resolved configs differ only in seed. {statistics}; {loss}. "
           f"{DELTA}: dataset mIoU minus that of `none` (same experiment without a regulariser), paired by seed "
           "and validation image, [95% bootstrap CI]; "
           f"{UP}/{DOWN}: the CI excludes 0. Bold (under a ramped schedule): better than the same experiment "
@@ -541,11 +586,13 @@ HEADER = ("Best epoch of each run (by its monitor). ± is a 95% t-interval over 
 
 
 def write_report(root: Path, table: dict[str, list[dict]], missing: list[dict], figures: list[Path],
-                 columns: str, bootstrap: dict, reference: dict | None = None) -> str:
+                 columns: str, bootstrap: dict, reference: dict | None = None, statistics: str = "image",
+                 loss_epoch: str = "best") -> str:
     """Write report.md (the column set ``columns``, the paper's tables if ``reference`` shows them, the figures
     linked), report.csv and report.json into ``root``; return the markdown text."""
     line = reference_line(reference)
-    text = (f"# deeplab-dropout report: {root}\n" + ("" if line is None else f"{line}\n") + f"\n{HEADER}\n\n"
+    text = (f"# deeplab-dropout report: {root}\n" + ("" if line is None else f"{line}\n")
+            + f"\n{header(statistics, loss_epoch)}\n\n"
             + format_table(table, columns, reference)
             + format_not_counted(missing)
             + "".join(f"\n![{p.stem}]({p.name})\n" for p in figures))
@@ -553,5 +600,7 @@ def write_report(root: Path, table: dict[str, list[dict]], missing: list[dict], 
     shown = reference is not None and reference["shown"]
     write_csv(root / "report.csv", csv_rows(table), CSV_FIELDS + REFERENCE_FIELDS if shown else CSV_FIELDS)
     write_json(root / "report.json", {"tables": table, "not_counted": missing, "figures": [p.name for p in figures],
-                                      "bootstrap": bootstrap, **({} if reference is None else {"reference": reference})})
+                                      "bootstrap": bootstrap, **({} if reference is None else {"reference": reference}),
+                                      **({} if (statistics, loss_epoch) == ("image", "best") else
+                                         {"statistics": statistics, "loss_epoch": loss_epoch})})
     return text
