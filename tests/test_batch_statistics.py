@@ -14,6 +14,7 @@ from conftest import tiny_cfg
 from deeplab_dropout import train as train_mod
 from deeplab_dropout.engine import Evaluation, batch_statistics
 from deeplab_dropout.loss import Criterion
+from deeplab_dropout.report.tables import best_values
 from deeplab_dropout.results import read_per_image
 from deeplab_dropout.rundir import RunResults
 
@@ -72,3 +73,17 @@ def test_recorded_batches_follow_the_training_batch_size_not_the_evaluations(voc
     expected = [float(np.nanmean(mious[i:i + 4])) for i in range(0, len(mious), 4)]
     assert len(mious) == 6 and runs[4]["batch_miou"] == pytest.approx(expected, abs=1e-12)
     assert len(runs[4]["batch_loss"]) == 2 and all(v > 0 for v in runs[4]["batch_loss"])
+
+
+def test_batches_of_one_image_report_the_image_statistics_but_the_stds_ddof(voc_root, tmp_path):
+    # With trainer.batch_size=1 each batch is one image: the report's batch columns are its image columns,
+    # except that describe()'s std has ddof 1 where the per-image std is the population's.
+    cfg = tiny_cfg(voc_root, "trainer.epochs=1", "trainer.max_train_steps=2", "trainer.batch_size=1",
+                   "model.pool_norm=none")
+    train_mod.run(cfg, tmp_path)
+    run = json.loads((tmp_path / "results.json").read_text())
+    image, batch = best_values(run, "image"), best_values(run, "batch")
+    for key in ("mean", "min", "median", "max"):
+        assert batch[key] == pytest.approx(image[key], abs=1e-12), key
+    n = sum(m is not None for m in run["best"]["batch_miou"])
+    assert n > 1 and batch["std"] == pytest.approx(image["std"] * math.sqrt(n / (n - 1)), rel=1e-9)
