@@ -17,10 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from deeplab_dropout.config import REPORT_OPTIONS
 from deeplab_dropout.study import CELLS, CONSTANT, PRETRAINED_BASE
 
 COLUMNS = ("mean", "std", "min", "median", "max", "val_loss")  # Mean mIoU, Std., Worst, Med., Best mIoU, Loss
-STATISTICS = ("image", "batch")  # a report's statistics: over validation images, or the paper's batches of 8
+STATISTICS = REPORT_OPTIONS["statistics"]  # a report's statistics: over validation images, or the paper's batches
 BATCH_SIZE = 8  # the paper's validation batches
 ROWS = (PRETRAINED_BASE, *CELLS)  # the rows of both tables, in the paper's order (study.TABLE_ORDER's)
 
