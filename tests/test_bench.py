@@ -55,6 +55,7 @@ def assert_finite_positive_spreads(section: dict) -> None:
         assert s["min"] <= s["median"] <= s["max"] and s["n"] >= 1
 
 
+@pytest.mark.slow
 def test_quick_step_and_projection_write_the_record_and_the_markdown(tmp_path):
     out = tmp_path / "records"
     done = run_bench(tmp_path, "--quick", *TINY_STEP, "--skip", "eval,demo,reg,models", "--out", str(out))

@@ -136,6 +136,7 @@ def test_p_follows_the_linear_ramp_per_iteration():
     assert lrs == pytest.approx([0.05, 0.0], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_missing_root_is_one_line_exit_2(tmp_path):
     """A root without CIFAR-10: exit 2, one stderr line naming the folder and suggesting --download."""
     missing = tmp_path / "nowhere"
@@ -145,6 +146,7 @@ def test_missing_root_is_one_line_exit_2(tmp_path):
     assert str(missing / "cifar-10-batches-py") in line and "--download" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["md5", "corrupt"])
 def test_unverifiable_or_corrupt_files_are_one_line_exit_2(tmp_path, case):
     """Generated files without --no-verify fail torchvision's md5 check; a truncated batch file fails to load

@@ -71,6 +71,7 @@ def test_bad_root_exits_2_with_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "\n" not in err and "missing" in err
 
 
+@pytest.mark.slow
 def test_module_entry_point(synth_root, tmp_path):
     run = [sys.executable, "-m", "deeplab_dropout.data", "split", "--root"]
     ok = subprocess.run([*run, str(synth_root), "--seed", "1"], cwd=REPO, capture_output=True, text=True)

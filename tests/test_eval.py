@@ -83,6 +83,7 @@ def test_torchvision_weights_offline_is_one_line(monkeypatch, tmp_path):
         build_model(eval_cfg("model=torchvision_deeplabv3_resnet101", "model.pretrained=none", "cell=spp-uout"))
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="nope.pt"):
         run_eval(eval_cfg(f"checkpoint={tmp_path / 'nope.pt'}"), tmp_path)

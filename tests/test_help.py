@@ -12,6 +12,7 @@ from deeplab_dropout.config import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "----- next help -----"
+pytestmark = pytest.mark.slow  # every test reads the commands' --help, run as subprocesses
 # `python -m MODULE FLAG` once per FLAG, in one process per module (each process spends ~4 s importing
 # torch): runpy runs the module as `python -m` does, sys.argv[0] included (Hydra prints it in its flags).
 SCRIPT = f"""

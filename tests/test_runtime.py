@@ -106,6 +106,7 @@ def mmapped_after(mode: str) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_tune_malloc_serves_large_blocks_from_the_heap():
     # Untuned, glibc maps a 24 MiB block afresh (page faults on every step's activations); tuned, the heap

@@ -209,6 +209,7 @@ def test_multirun_trains_each_distinct_run_once_and_ends_with_the_report(voc_roo
 
 # The console script's path, as a subprocess: one line and exit 2 (tests/test_bad_inputs.py holds every bad
 # input, in-process, and tests/test_config.py every invalid value).
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(voc_root, tmp_path):
     proc = run_cli(*TINY, "data=synthetic", f"data.root={voc_root}", "data.synth=null", *SMALL, "dropout.p=1.5",
                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
