@@ -1,17 +1,24 @@
 """Start-up validation of the composed config: every bad value fails before any work, in one line.
 
 Hydra already rejects unknown keys (struct mode) and unknown group options (listing the available ones);
-this checks the values inside the groups, once: the code that uses them trusts them. The allowed values
-live here (the study's vocabulary in deeplab_dropout.study), and this module imports no torch.
+this checks the values inside the groups, once: the code that uses them trusts them, and the keys a `+`
+override added inside them (``+trainer.epoch=3``: no code reads it). The allowed values live here (the
+study's vocabulary in deeplab_dropout.study), and this module imports no torch. A misspelt value or key is
+answered with the closest allowed one ("did you mean ...?").
 """
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
 
+import yaml
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import deeplab_dropout.resolvers  # noqa: F401  (registers the resolvers conf/ uses)
 from deeplab_dropout.study import DROPOUT_NAMES, PLACEMENT_PARTS, SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the apps' Hydra configs (train.yaml, eval.yaml)
@@ -63,6 +70,7 @@ RESUME = ("auto", "never")
 FIDELITIES = ("paper", "authors_code")  # the `fidelity` group: the paper's text | the authors' code
 # The `report` node: Table 3/4 statistics over images | batches; the Loss column's epoch; the paper's tables.
 REPORT_OPTIONS = {"statistics": ("image", "batch"), "loss_epoch": ("best", "min"), "reference": ("paper", "none")}
+REPORT_COLUMNS = ("paper", "course")  # report.md's column sets (report.tables.COLUMN_SETS), hydra.callbacks.report.columns
 
 
 class ConfigError(ValueError):
@@ -74,10 +82,33 @@ def invalid(key: str, value, expected: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is invalid: expected {expected}")
 
 
+def did_you_mean(word: str, choices: Iterable, prefix: str = "") -> str:
+    """``"; did you mean <prefix><choice>?"`` for the choice closest to a misspelt ``word``, or ``""``."""
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f"; did you mean {prefix}{match[0]}?" if match else ""
+
+
+def unknown_key(key: str, siblings: Iterable[str]) -> str:
+    """The one line for a dotted ``key`` the config does not have, given the keys of its node: the closest
+    of them if one is close; else, at the top level, how to add a key of one's own (``+key=...``), inside a
+    node, the keys it has (a key added there would be read by no code)."""
+    parent, _, name = key.rpartition(".")
+    siblings = list(siblings)
+    guess = did_you_mean(name, siblings, f"{parent}." if parent else "")
+    if guess:
+        return f"{key} is not a config key{guess}"
+    if not parent:
+        return f"{key} is not a config key (use +{key}=... to add one)"
+    if not siblings:
+        return f"{key} is not a config key"
+    return f"{key} is not a config key ({parent} has {', '.join(siblings)})"
+
+
 def _one_of(key: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
-        raise invalid(key, value, "one of " + ", ".join(map(str, allowed)))
+        guess = did_you_mean(value, allowed) if isinstance(value, str) else ""
+        raise ConfigError(f"{invalid(key, value, 'one of ' + ', '.join(map(str, allowed)))}{guess}")
 
 
 def _number(key: str, value, low: float, high: float | None = None, *, low_open=False, high_open=False,
@@ -333,6 +364,7 @@ def _trainer(cfg: DictConfig) -> None:
         raise invalid("trainer.num_workers", w, "auto or an integer in [0, inf)")
     _number("trainer.eval_every", t.eval_every, 1, integer=True)
     _number("trainer.checkpoint_every", t.checkpoint_every, 1, integer=True)
+    _number("trainer.log_every", t.log_every, 0, integer=True)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(t.device)):
         raise invalid("trainer.device", t.device, "auto, cpu, cuda or cuda:N")
     _one_of("trainer.precision", t.precision, PRECISIONS)
@@ -358,8 +390,72 @@ def _fidelity_and_report(cfg: DictConfig) -> None:
         _one_of(f"report.{key}", report.get(key, allowed[0]), allowed)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first invalid value in a composed train/eval config."""
+def config_dirs() -> tuple[Path, ...]:
+    """conf/ and, in a Hydra app, the other config folders on its search path (``hydra.searchpath``: a user's
+    own presets, which may give our nodes keys of their own)."""
+    dirs = [CONF_DIR]
+    if HydraConfig.initialized():
+        dirs += [Path(source.path) for source in HydraConfig.get().runtime.config_sources
+                 if source.schema == "file" and Path(source.path) != CONF_DIR]
+    return tuple(dirs)
+
+
+@cache
+def defined_keys(dirs: tuple[Path, ...] = (CONF_DIR,)) -> dict[str, tuple[str, ...]]:
+    """Every node the config files under ``dirs`` define (``""`` the top level, ``"data"``,
+    ``"data.augment"``, ...) -> the keys any of those files gives it (a group's files at its package,
+    ``# @package _global_`` files and the primary configs at the top; Hydra's own config left out). Options
+    and presets differ in their keys (data.synth, model.unet_base_channels): a node's keys are their union."""
+    keys: dict[str, set[str]] = {"": set()}
+    for folder, path in sorted((d, p) for d in dirs for p in d.rglob("*.yaml")):
+        group = path.parent.relative_to(folder).as_posix()
+        if group.split("/")[0] == "hydra":
+            continue
+        if group != ".":
+            keys[""].add(group.split("/")[0])  # a group's name, as in cell=..., is a top-level word too
+        text = path.read_text()
+        node = "" if group == "." or "# @package _global_" in text else group.replace("/", ".")
+        content = yaml.safe_load(text) or {}
+        content.pop("defaults", None)
+        content.pop("hydra", None)
+        for parent, key in _dict_keys(content, node):
+            keys.setdefault(parent, set()).add(key)
+    return {node: tuple(sorted(names)) for node, names in keys.items()}
+
+
+def _dict_keys(content: dict, node: str) -> Iterator[tuple[str, str]]:
+    """(node, key) for every key of a nested dict placed at ``node``, the nested nodes' keys included."""
+    for key, value in content.items():
+        yield node, str(key)
+        if isinstance(value, dict):
+            yield from _dict_keys(value, f"{node}.{key}" if node else str(key))
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse a key that a `+` override added inside one of conf/'s nodes (``+trainer.epoch=3``,
+    ``+dropout.pp=0.1``): no code reads it, and it is most likely a misspelt key. A top-level key of one's own
+    (``+note=baseline``) is left alone unless it is close to a group or key of ours (``+dropuot=channel``)."""
+    defined = defined_keys(config_dirs())
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    nodes = [("", container)]
+    while nodes:
+        node, content = nodes.pop()
+        for key, value in content.items():
+            path = f"{node}.{key}" if node else str(key)
+            if key not in defined.get(node, ()):
+                if node or did_you_mean(key, defined[""]):
+                    raise ConfigError(unknown_key(path, defined.get(node, ())))
+            elif isinstance(value, dict) and path in defined:
+                nodes.append((path, value))
+
+
+def validate(cfg: DictConfig, keys: bool = True) -> None:
+    """Raise ConfigError for the first invalid value in a composed train/eval config, or (``keys``) a key
+    added inside one of its nodes (check_keys; not for a saved run's config, which may hold keys conf/ has
+    since dropped)."""
+    if keys:
+        check_keys(cfg)
     _one_of("dropout.name", cfg.dropout.name, DROPOUT_NAMES)
     _placement(cfg)
     _model(cfg)

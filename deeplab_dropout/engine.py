@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from deeplab_dropout.loss import Criterion
 from deeplab_dropout.metrics import SegmentationMetrics
+from deeplab_dropout.progress import RunProgress
 from deeplab_dropout.runtime import Runtime
 
 
@@ -105,10 +106,11 @@ def forward(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, criterion: Criterion, schedules: Callable[[int], float],
                     runtime: Runtime, *, epoch: int, seed: int, max_steps: int | None = None,
-                    progress: bool = False, sync: bool = False) -> EpochStats:
+                    progress: bool = False, sync: bool = False, log: RunProgress | None = None) -> EpochStats:
     """Train epoch ``epoch`` (0-based). ``schedules(it)`` sets the LRs and the dropout ramp for iteration
     ``it`` and returns drop p. Everything random derives from (``seed``, epoch), so a resumed run repeats the
     epoch exactly. ``sync``: wait for the device after each step, so that step_seconds is the steps' time.
+    ``progress``: a tqdm bar; ``log``: its log lines every trainer.log_every steps instead.
     A NaN/inf loss raises NonFiniteLoss before its step."""
     # The loader's shuffle and worker seeds, and each sample's augmentation (from (seed, epoch, index),
     # whichever worker loads it), follow the epoch seed.
@@ -148,6 +150,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         total_loss += loss_value
         total_px += n_px
         seen += targets.shape[0]
+        if log is not None:
+            log.step(epoch, step, loss.item(), optimizer.param_groups[0]["lr"], drop_p)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         p=f"{drop_p:.3f}", ips=f"{seen / (time.perf_counter() - start):.1f}")

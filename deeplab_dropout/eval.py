@@ -2,14 +2,15 @@
 or torchvision's COCO-trained DeepLabv3 (the paper's `pretrained-base` row) on the val set, with the
 training runs' metrics code.
 
-A run directory means its checkpoints/best.pt. The path comes first and is taken out of the command line
-before Hydra parses it, so sweep folders (``cell=none,schedule=constant``) need no escaping.
-Writes a one-epoch results.json and its per_image.npz in its own Hydra run directory.
+A run directory means its checkpoints/best.pt (a sweep's folder is refused, naming its runs). The path comes
+first and is taken out of the command line before Hydra parses it, so sweep folders
+(``cell=none,schedule=constant``) need no escaping. Writes a one-epoch results.json and its per_image.npz in
+its own Hydra run directory. The console script is deeplab_dropout.commands.eval's app (it checks the input
+before importing this module); ``app`` here is ``python -m deeplab_dropout.eval``'s.
 """
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from deeplab_dropout.class_weights import class_weights
-from deeplab_dropout.cli import EXIT_INPUT, input_errors, run_app, run_job
+from deeplab_dropout.cli import (
+    checkpoint_file,
+    input_errors,
+    run_app,
+    run_job,
+    set_checkpoint,
+    take_path_argument,
+)
 from deeplab_dropout.config import CONF_DIR, ConfigError, one_line, validate
 from deeplab_dropout.data import get_val_dataset
 from deeplab_dropout.data.loaders import make_val_loader
@@ -34,7 +42,7 @@ from deeplab_dropout.study import PRETRAINED_BASE, PRETRAINED_BASE_EVAL_ONLY, ce
 
 log = logging.getLogger("deeplab_dropout")
 GROUPS = ("model", "data", "dropout", "placement", "schedule", "loss", "optim", "trainer")
-_positional: list[str] = []  # the RUN_DIR_OR_CHECKPOINT argument, taken out of sys.argv by ``main``
+_path_argument: list[str | None] = [None]  # RUN_DIR_OR_CHECKPOINT, taken out of sys.argv by ``main``
 
 
 def checkpoint_config(cfg: DictConfig, saved: dict, overrides: list[str]) -> DictConfig:
@@ -60,9 +68,7 @@ def eval_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict
     """The config to evaluate with and the checkpoint whose weights to use (None: the config's model)."""
     if cfg.checkpoint is None:
         return cfg, None
-    checkpoint = Path(str(cfg.checkpoint)).expanduser()
-    if checkpoint.is_dir():  # a run directory: the checkpoint of its best epoch
-        checkpoint = checkpoint / BEST
+    checkpoint = checkpoint_file(str(cfg.checkpoint), BEST)  # a run directory: the checkpoint of its best epoch
     saved = load_run_checkpoint(checkpoint)
     checkpoint = str(checkpoint)
     cfg = checkpoint_config(cfg, saved["config"], overrides)
@@ -90,7 +96,7 @@ def run_eval(cfg: DictConfig, run_dir: RunDir | Path, overrides: list[str] | Non
     run_dir = RunDir.of(run_dir)
     with input_errors():
         cfg, saved = eval_config(cfg, list(overrides or []))
-        validate(cfg)
+        validate(cfg, keys=saved is None)  # a checkpoint's saved config may hold keys conf/ has since dropped
         runtime = resolve_device(cfg)
         loader = make_val_loader(cfg, get_val_dataset(cfg.data), runtime)
         model = load_eval_model(cfg, saved, runtime)
@@ -130,24 +136,18 @@ def run_eval(cfg: DictConfig, run_dir: RunDir | Path, overrides: list[str] | Non
 def app(cfg: DictConfig) -> None:
     """The Hydra app; the positional RUN_DIR_OR_CHECKPOINT, if given, is the checkpoint."""
     overrides = list(HydraConfig.get().overrides.task)
-    if _positional:
-        if cfg.checkpoint is not None:
-            print(f"error: give the checkpoint once: {_positional[0]} or checkpoint=...", file=sys.stderr)
-            sys.exit(EXIT_INPUT)
-        cfg.checkpoint = _positional[0]
-    run_job(lambda c, d: run_eval(c, d, overrides), cfg)
 
+    def job(cfg: DictConfig, run_dir: Path) -> dict:
+        set_checkpoint(cfg, _path_argument[0])
+        return run_eval(cfg, run_dir, overrides)
 
-def is_path_argument(arg: str) -> bool:
-    """Whether a command-line argument is RUN_DIR_OR_CHECKPOINT rather than an override or an option."""
-    return os.path.exists(os.path.expanduser(arg)) or not (arg.startswith(("-", "~")) or "=" in arg)
+    run_job(job, cfg)
 
 
 def main() -> None:
-    """`deeplab-dropout-eval`: take RUN_DIR_OR_CHECKPOINT out of sys.argv, then run the Hydra app (a
-    mistyped override prints one line and exits 2)."""
-    if len(sys.argv) > 1 and is_path_argument(sys.argv[1]):
-        _positional[:] = [sys.argv.pop(1)]
+    """`python -m deeplab_dropout.eval`: take RUN_DIR_OR_CHECKPOINT out of sys.argv, then run the Hydra app
+    (a mistyped override prints one line and exits 2)."""
+    _path_argument[0] = take_path_argument(sys.argv)
     run_app(app)
 
 

@@ -6,9 +6,11 @@ here cheaply.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -45,9 +47,40 @@ def atomic_write(path: Path, write, durable: bool = False) -> None:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if no_space(e) is not None:  # however the writer reported it (torch.save: a RuntimeError)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
+
+
+def no_space(error: BaseException) -> OSError | None:
+    """The "no space left on device" OSError in ``error`` or the errors it was raised from, else None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        if "No space left on device" in str(error):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """The space left on the file system holding ``path`` (its nearest existing folder), e.g. ``12.3 MiB``."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return f"{free:.1f} TiB"
 
 
 def _json_safe(value: Any) -> Any:
@@ -153,23 +186,25 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(Path(path), lambda f: torch.save(state, f), durable=True)
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint written by ``save_checkpoint`` (tensors and plain containers only); a missing file is
-    FileNotFoundError, an unreadable one ConfigError."""
+def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint written by ``save_checkpoint`` (tensors and plain containers only; ``mmap``: tensors
+    mapped from the file, read only when used); a missing file is FileNotFoundError, an unreadable one
+    ConfigError."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file: say which file, in one line
         raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def load_run_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config", "cell", "epoch")) -> dict:
+def load_run_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config", "cell", "epoch"),
+                        mmap: bool = False) -> dict:
     """A checkpoint written by deeplab-dropout-train holding ``keys``; anything else is one ConfigError line."""
-    saved = load_checkpoint(path)
+    saved = load_checkpoint(path, mmap=mmap)
     missing = [k for k in keys if k not in (saved.keys() if isinstance(saved, dict) else ())]
     if missing:
         raise ConfigError(f"{path} is not a deeplab-dropout-train checkpoint (no {', '.join(missing)}); "

@@ -4,10 +4,13 @@ move an earlier run aside, record a failure). The only module that writes into a
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +38,14 @@ from deeplab_dropout.saved_config import check_resumable
 from deeplab_dropout.study import cell_name
 
 RESULTS = Path("results.json")  # in the run dir
+RERUN_HINT = "trainer.rerun=true moves this run aside and starts again (nothing is deleted)"
+LOCK = Path(".lock")  # held (flock) by the process running in the run dir; it names that process
 log = logging.getLogger("deeplab_dropout")
+_held: dict[Path, int] = {}  # the run dirs this process holds: resolved path -> the lock file's descriptor
+
+
+class RunDirBusy(ConfigError):
+    """Another live process holds the run dir."""
 
 
 class RunResults:
@@ -174,6 +184,52 @@ class RunDir:
         """``run_dir`` as a RunDir (a path, or already one)."""
         return run_dir if isinstance(run_dir, RunDir) else cls(run_dir)
 
+    # --- one process per run dir ---------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Hold this run dir for this process: an advisory flock on its .lock, taken before the run writes
+        anything and released by the OS when the process ends, however it ends. Another live process holding
+        it is a RunDirBusy naming that process (pid, host, start time). Idempotent within a process."""
+        key = self.path.resolve()
+        if key in _held:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirBusy(f"{self.path} is in use by {holder}; wait for it to end, or give another "
+                             "hydra.run.dir (hydra.sweep.dir for -m)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        _held[key] = fd
+
+    def is_completed(self) -> bool:
+        """Whether results.json here says its run completed (read only: safe on read-only storage)."""
+        try:
+            return json.loads(self.results.read_text()).get("status") == "completed"
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def held_elsewhere(self) -> bool:
+        """Whether another live process holds this run dir (a ``running`` run whose lock is free: gone)."""
+        if self.path.resolve() in _held:
+            return False
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except OSError:  # no lock file (a run from before locks, or none at all): nobody holds it
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases the shared lock taken to test it
+        return False
+
     # --- before a run: skip, resume or start --------------------------------------------------------------
 
     def earlier_run(self, cfg: DictConfig) -> RunResults | None:
@@ -182,23 +238,78 @@ class RunDir:
         results.json, or any earlier run with trainer.resume=never, is a ConfigError."""
         if cfg.trainer.rerun and (aside := self.move_aside()) is not None:
             log.info("trainer.rerun=true: moved the earlier run in %s to %s", self.path, aside)
+        earlier = self._earlier_results(cfg)
+        return earlier if earlier is not None and earlier.data.get("status") == "completed" else None
+
+    def launch_state(self, cfg: DictConfig) -> str:
+        """What launching ``cfg`` here would do, found without changing anything (a sweep's plan): ``new``,
+        ``completed: skipped``, ``resumes after epoch k``, ``starts again (...)`` for an earlier run that ended
+        before its first checkpoint, or ``new (trainer.rerun=true moves the earlier run aside)``. Raises the
+        ConfigError the launch would raise (another config's run here, trainer.resume=never over a run)."""
+        if self.held_elsewhere():
+            raise RunDirBusy(f"{self.path} is in use by {(self.path / LOCK).read_text().strip()}")
+        if cfg.trainer.rerun and self._leftovers():
+            return "new (trainer.rerun=true moves the earlier run aside)"
+        earlier = self._earlier_results(cfg)
+        if earlier is not None and earlier.data.get("status") == "completed":
+            return "completed: skipped"
+        status = earlier.data.get("status") if earlier is not None else None
+        ended = " (interrupted: process gone)" if status == "running" else f" ({status})" if status else ""
+        if self.last.exists():
+            try:
+                saved = load_run_checkpoint(self.last, ("epoch", "config"), mmap=True)
+            except ConfigError as e:
+                raise ConfigError(f"{e}; {RERUN_HINT}") from None
+            check_resumable(saved["config"], OmegaConf.to_container(cfg, resolve=True), self.last)
+            return f"resumes after epoch {saved['epoch']}{ended}"
+        if earlier is not None:
+            return f"starts again{ended[:-1]} before its first checkpoint)"
+        return "new"
+
+    def _earlier_results(self, cfg: DictConfig) -> RunResults | None:
+        """results.json of an earlier launch of this config here (None: none); ConfigError as earlier_run says."""
         found = [name for name in (RESULTS, LAST) if (self.path / name).exists()]
         if found and cfg.trainer.resume == "never":
             raise ConfigError(f"trainer.resume=never but {self.path} already holds a run ({found[0]}); use "
                               "trainer.resume=auto to continue it, or another hydra.run.dir (hydra.sweep.dir for -m)")
         if RESULTS not in found:
             return None
-        earlier = RunResults.read(self.results, cfg.trainer.monitor)
+        try:
+            earlier = RunResults.read(self.results, cfg.trainer.monitor)
+        except ConfigError as e:
+            if LAST in found:  # last.pt holds the history: the resume rewrites results.json from it
+                log.warning("%s; resuming from %s, which holds the history", e, self.last)
+                return None
+            raise ConfigError(f"{e}; {RERUN_HINT}") from None
         check_resumable(earlier.data.get("config", {}), OmegaConf.to_container(cfg, resolve=True), self.results)
-        return earlier if earlier.data.get("status") == "completed" else None
+        return earlier
+
+    def _leftovers(self) -> list[Path]:
+        """What an earlier run left here: everything but Hydra's ``.hydra/`` and log."""
+        if not self.path.is_dir():
+            return []
+        return [p for p in self.path.iterdir() if p.name not in (".hydra", LOCK.name) and p.suffix != ".log"]
 
     def resumable_checkpoint(self, cfg: DictConfig) -> dict | None:
         """last.pt if the run is to continue from it (same config), else None."""
         if not self.last.exists():
             return None
-        saved = load_run_checkpoint(self.last, ("model", "optimizer", "scaler", "history", "epoch", "config"))
+        try:
+            saved = load_run_checkpoint(self.last, ("model", "optimizer", "scaler", "history", "epoch", "config"))
+        except ConfigError as e:
+            raise ConfigError(f"{e}; {RERUN_HINT}") from None
         check_resumable(saved["config"], OmegaConf.to_container(cfg, resolve=True), self.last)
         return saved
+
+    def check_same_data(self, recorded: dict, split: dict) -> None:
+        """Refuse to resume on other data than the run started with: the training split's and the validation
+        list's sha256 (``split``, as get_datasets records it) against ``recorded`` (last.pt's). The same data
+        moved to another data.root resumes."""
+        for key, what in (("sha256", "training split"), ("val_sha256", "validation list")):
+            if key in recorded and recorded[key] != split[key]:
+                raise ConfigError(f"the data changed since {self.path} started: its {what} (sha256 "
+                                  f"{split[key][:12]}) is not the one it trained on ({recorded[key][:12]}); give a "
+                                  f"new hydra.run.dir, or {RERUN_HINT}")
 
     def clean_up_after_kill(self, results: RunResults, saved: dict) -> None:
         """On resume from ``saved`` (last.pt, its history already in ``results``): delete the temp files of writes
@@ -209,17 +320,29 @@ class RunDir:
             for tmp in folder.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
         best_epoch = results.data["best_epoch"]
-        if best_epoch is None or best_epoch != saved["epoch"]:
+        if best_epoch is None or self._best_epoch() == best_epoch:
             return
-        if not self.best.exists() or load_checkpoint(self.best)["epoch"] != best_epoch:
-            self.save_best(BestWeights(best_epoch, {"model": saved["model"], **_run_record(results, best_epoch),
-                                                    "metrics": results.data["best"]}))
+        if best_epoch != saved["epoch"]:  # its weights were only ever in best.pt
+            raise ConfigError(f"{self.best} does not hold the best epoch ({best_epoch}) that {self.last} names, and "
+                              f"{self.last} is of epoch {saved['epoch']}: those weights are lost; {RERUN_HINT}")
+        if self.best.exists():
+            log.warning("%s is damaged or behind %s: rewriting it from %s", self.best, self.last, self.last)
+        self.save_best(BestWeights(best_epoch, {"model": saved["model"], **_run_record(results, best_epoch),
+                                                "metrics": results.data["best"]}))
+
+    def _best_epoch(self) -> int | None:
+        """best.pt's epoch; None when there is none or it cannot be read (a truncated file)."""
+        if not self.best.exists():
+            return None
+        try:
+            return load_checkpoint(self.best, mmap=True)["epoch"]
+        except (ConfigError, KeyError, TypeError):
+            return None
 
     def move_aside(self) -> Path | None:
         """Move what an earlier run left here into ``<run_dir>.old-<time>/`` beside it (kept, never deleted);
-        Hydra's ``.hydra/`` and log, already rewritten for this launch, stay. Returns the new folder."""
-        run_dir = self.path
-        old = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"] if run_dir.is_dir() else []
+        Hydra's ``.hydra/`` and log, already rewritten for this launch, and the lock stay. Returns the new folder."""
+        run_dir, old = self.path, self._leftovers()
         if not old:
             return None
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -281,7 +404,10 @@ class RunDir:
 
     def record_failure(self, cfg: DictConfig, message: str) -> None:
         """Mark results.json failed with ``message``, writing a minimal one if set-up failed before there was
-        one. A completed run's results.json, or another config's, is never touched."""
+        one. A completed run's results.json, another config's, or one another live process holds is never
+        touched."""
+        if self.held_elsewhere():
+            return
         if self.results.exists():
             data = _or_none(lambda: json.loads(self.results.read_text()))
             if not isinstance(data, dict) or data.get("status") == "completed" or not _same_run(data, cfg):

@@ -62,11 +62,13 @@ def check_resumable(saved: dict, config: dict, checkpoint) -> None:
         new.pop(key, None)
     absent = object()
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k, absent) != new.get(k, absent))
+    # A key derived from another (optim.t_max_epochs follows trainer.epochs) is named only if its source is not.
+    diff = [k for k in diff if ADDED_COPIES.get(k) not in diff]
     if diff:
-        first, more = diff[0], " and more" if len(diff) > 1 else ""
+        first, more = diff[0], f" and {len(diff) - 1} more" if len(diff) > 1 else ""
         raise ConfigError(f"{checkpoint} was trained with a different config "
-                          f"({first}: {old.get(first)!r} -> {new.get(first)!r}{more}); "
-                          "use another hydra.run.dir (hydra.sweep.dir for -m) or delete that folder")
+                          f"({first}: {old.get(first)!r} -> {new.get(first)!r}{more}); give another hydra.run.dir "
+                          "(hydra.sweep.dir for -m), or trainer.rerun=true to move that run aside and start again")
 
 
 def _under(key: str, prefixes) -> bool:

@@ -1,5 +1,6 @@
-"""Which jobs of a sweep are the same run: the rule behind `hydra/sweeper: study` (the default sweeper,
-`hydra_plugins/deeplab_dropout_sweeper`, since Hydra loads plugins only from that namespace).
+"""A sweep's jobs as the study sweeper (`hydra/sweeper: study`, the default: `hydra_plugins/deeplab_dropout_sweeper`,
+since Hydra loads plugins only from that namespace) runs them: which jobs are the same run, the task every
+launcher runs, and the failures a sweep ends with. The plan made before any job starts: deeplab_dropout.plan.
 
 A run without a regulariser computes the same thing under every schedule (the ramp of p = 0 changes
 nothing), so `-m 'cell=glob(*)' schedule=constant,linear` trains `none` once: 31 runs, not 32. The
@@ -19,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from deeplab_dropout.cli import InputError
 from deeplab_dropout.config import one_line
-from deeplab_dropout.gpus import gpu_for_job
 from deeplab_dropout.saved_config import experiment_key
 
 log = logging.getLogger(__name__)
@@ -30,43 +30,35 @@ def run_identity(config: dict, cell: str) -> str:
     return f"{experiment_key(config, cell)}|seed={config.get('seed')}"
 
 
-def drop_repeats(jobs: Sequence[Sequence[str]], identities: Sequence[str], seen: dict[str, str]
-                 ) -> list[Sequence[str]]:
-    """The jobs whose identity no earlier job had (``seen`` maps identity -> the first job's overrides)."""
-    kept = []
-    for overrides, identity in zip(jobs, identities, strict=True):
-        name = ",".join(overrides)
-        if identity in seen:
-            log.info("skipping %s: it computes the same run as %s (a run without a regulariser is the same "
-                     "under every schedule)",
-                     name, seen[identity])
-            continue
-        seen[identity] = name
-        kept.append(overrides)
-    return kept
-
-
 class JobExited(RuntimeError):
     """A job called sys.exit: that job failed, the sweep goes on."""
 
 
 class SweepTask:
     """The task function as the study sweeper hands it to every launcher: each job on a GPU of its own
-    (deeplab_dropout.gpus), and a job that calls sys.exit fails alone instead of ending the whole sweep.
+    (deeplab_dropout.gpus), a job that calls sys.exit fails alone instead of ending the whole sweep, and after
+    each job a line with the sweep's progress and ETA (``progress()``, e.g. plan.SweepProgress.line).
 
     Picklable, so it travels to joblib, submitit and Ray workers with the function it wraps."""
 
-    def __init__(self, task_function: Callable[[DictConfig], Any]) -> None:
+    def __init__(self, task_function: Callable[[DictConfig], Any], progress: Callable[[], str] | None = None) -> None:
         self.task_function = task_function
+        self.progress = progress
 
     def __call__(self, cfg: DictConfig) -> Any:
-        with gpu_for_job(cfg):
-            try:
-                return self.task_function(cfg)
-            except SystemExit as e:
-                if e.code in (0, None):
-                    raise
-                raise JobExited(f"exited with status {e.code}") from e
+        from deeplab_dropout.gpus import gpu_for_job
+
+        try:
+            with gpu_for_job(cfg):
+                try:
+                    return self.task_function(cfg)
+                except SystemExit as e:
+                    if e.code in (0, None) or (isinstance(e.code, int) and e.code > 128):
+                        raise  # a clean exit, or a signal (Ctrl-C, SIGTERM): the whole sweep stops
+                    raise JobExited(f"exited with status {e.code}") from e
+        finally:
+            if self.progress is not None:
+                log.info(self.progress())
 
 
 def failure(job: JobReturn) -> str | None:

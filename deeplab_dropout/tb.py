@@ -1,20 +1,29 @@
 """All TensorBoard output of a run, into the run directory itself (so ``tensorboard --logdir SWEEP`` names
 runs by their sweep folder): HParams, each epoch's scalars, and the image views: captioned image | truth |
-prediction strips in the VOC palette (fixed val images, and the best and worst one at each new best epoch),
-saved as PNGs under predictions/ too."""
+prediction strips in the VOC palette (fixed val images, and the easiest and hardest one at each new best
+epoch), saved as PNGs under predictions/ too. After a sweep, the report adds what a run cannot know
+(``show_comparison``): each run's ΔmIoU vs `none`, and HParams columns for only the hyper-parameters that vary.
+
+Tag groups sort alphabetically in TensorBoard and it opens the first two: ``train/`` (loss, lr, lr_head,
+drop_p), then ``val/``; the best-so-far values the HParams tab reads are under ``val-best/``, after them in
+both the Time Series and the Scalars dashboard (which sorts ``_`` before letters, ``-`` after ``/``)."""
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 
 from deeplab_dropout.config import ConfigError
 from deeplab_dropout.data.cache import CachedValLoader
@@ -23,15 +32,25 @@ from deeplab_dropout.data.transforms import denormalize
 from deeplab_dropout.data.voc import VOC_PALETTE
 from deeplab_dropout.engine import Evaluation, labels
 from deeplab_dropout.metrics import SegmentationMetrics
+from deeplab_dropout.results import atomic_write
 from deeplab_dropout.rundir import RunDir
 from deeplab_dropout.runtime import Runtime
-from deeplab_dropout.study import cell_name, placement_name
+from deeplab_dropout.study import BASELINE, cell_name, placement_name
 
-# The metrics the HParams tab compares (Table 3's columns at the best epoch), each also written as a scalar
-# under the same tag. The tab shows only the first five by default: those are the paper's.
-HPARAM_METRICS = ("hparams/best_miou", "hparams/best_per_image_miou_mean", "hparams/best_per_image_miou_min",
-                  "hparams/best_per_image_miou_median", "hparams/best_per_image_miou_max",
-                  "hparams/best_per_image_miou_std", "hparams/best_val_loss", "hparams/best_epoch")
+# The HParams tab's metric columns: each run's values at its best epoch (Table 3's columns, the paper's five
+# first: the tab shows five by default), each also written as a best-so-far scalar under its tag; the tab
+# shows the display name.
+HPARAM_METRICS = {"val-best/miou": "mIoU (dataset)", "val-best/per_image_miou_mean": "Mean mIoU",
+                  "val-best/per_image_miou_min": "Worst mIoU", "val-best/per_image_miou_median": "Med. mIoU",
+                  "val-best/per_image_miou_max": "Best mIoU", "val-best/per_image_miou_std": "Std.",
+                  "val-best/loss": "Loss", "val-best/epoch": "Best epoch"}
+# Written by the report into each run: its experiment's ΔmIoU vs `none` (report.md's column; 0 for `none`).
+DELTA_TAG, DELTA_NAME = "val/delta_miou_vs_none", "ΔmIoU vs none"
+# Event files of fixed names, so that writing one again replaces it. "0" sorts them before the run's own
+# growing file (TensorBoard's Python loader reads a folder's files in name order and follows the last one).
+HPARAMS_FILE = "events.out.tfevents.0.hparams"  # a run's HParams row (and, until the report, the columns)
+COMPARISON_FILE = "events.out.tfevents.0.comparison"  # the report's Δ vs none, in each run folder
+EXPERIMENT_FILE = "events.out.tfevents.0.experiment"  # the report's HParams columns, in one run folder
 KEEP_ALL_BYTES = 64 * 2**20  # uint8 label maps kept from an evaluation, at most
 CAPTION_HEIGHT = 14  # pixels of the title band above each strip (PIL's default font is ~11 high)
 
@@ -79,8 +98,8 @@ def caption_band(width: int, titles: Sequence[str], lefts: Sequence[int]) -> tor
 
 
 def run_hparams(cfg: DictConfig) -> dict:
-    """The run's row in the HParams tab: its cell, the study's axes, seed and backbone (the tab shows the
-    first five columns by default, so the paper's axes come first)."""
+    """The run's row in the HParams tab: its cell, the study's axes, seed and backbone, in the order of the
+    tab's columns (it shows the first five by default, so the paper's axes come first)."""
     return {"cell": cell_name(cfg), "schedule": cfg.schedule.name, "seed": int(cfg.seed),
             "p": float(cfg.dropout.p), "dropout": cfg.dropout.name, "placement": placement_name(cfg),
             "backbone": cfg.model.backbone}
@@ -95,7 +114,7 @@ def pick_tb_images(cfg: DictConfig, val_ds) -> list[int]:
             raise ConfigError(f"trainer.tb_images={list(cfg.trainer.tb_images)} is invalid: "
                               f"{missing} not in the val list")
         return [val_ds.ids.index(i) for i in cfg.trainer.tb_images]
-    presence = class_presence(cfg.data.root, cfg.data.val_split, year=val_ds.year)
+    presence = class_presence(cfg.data.root, cfg.data.val_split, cfg.data.get("cache_dir"), val_ds.year)
     picked = []
     for cls in cfg.trainer.tb_image_classes:
         first = next((i for i, id_ in enumerate(val_ds.ids) if cls in presence.get(id_, ())), None)
@@ -121,23 +140,118 @@ def best_scalars(best: dict | None) -> dict[str, float | None]:
     return dict(zip(HPARAM_METRICS, values, strict=True))
 
 
+# ---- HParams: the plugin's protos, in event files of their own ----------------------------------------------
+# The plugin lists hyper-parameters sorted by name (those that vary first), whatever order they are declared
+# in: each name carries its position ("1_cell", "2_schedule", ...) and the tab shows the display name.
+
+def hparam_names(keys: Iterable[str]) -> dict[str, str]:
+    """{key: its name in the HParams protos}: the key prefixed with its 1-based position (zero-padded, so
+    that the names sort in the keys' order)."""
+    keys = list(keys)
+    width = len(str(len(keys)))
+    return {key: f"{i:0{width}d}_{key}" for i, key in enumerate(keys, 1)}
+
+
+def display_name(name: str) -> str:
+    """A hyper-parameter's name as the tab shows it: without its position prefix (if it has one)."""
+    position, _, key = name.partition("_")
+    return key if position.isdigit() and key else name
+
+
+def plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    """A summary of the HParams plugin (``tag``: its experiment, session start or end tag), as the plugin's
+    ``metadata.create_summary_metadata`` makes it but serialised deterministically (its maps in key order), so
+    the same data are the same bytes in every process."""
+    plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
+                                        content=data.SerializeToString(deterministic=True))
+    return Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin),
+                                        tensor=metadata.NULL_TENSOR)])
+
+
+def session_start(hparams: dict) -> Summary:
+    """A run's row: ``hparams`` ({name: str, bool or number}) as the plugin's session start info."""
+    info = plugin_data_pb2.SessionStartInfo()
+    for name, value in hparams.items():
+        if isinstance(value, bool):
+            info.hparams[name].bool_value = value
+        elif isinstance(value, str):
+            info.hparams[name].string_value = value
+        else:
+            info.hparams[name].number_value = value
+    return plugin_summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+        session_start_info=info, version=metadata.PLUGIN_DATA_VERSION))
+
+
+def hparam_info(name: str, values: list, differs: bool) -> api_pb2.HParamInfo:
+    """A column of the tab: ``name``'s type and domain from the ``values`` runs have (numbers: an interval;
+    strings and booleans: the distinct values, for the tab's check-box filter)."""
+    info = api_pb2.HParamInfo(name=name, display_name=display_name(name), differs=differs)
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        info.type = api_pb2.DATA_TYPE_FLOAT64
+        info.domain_interval.min_value, info.domain_interval.max_value = min(values), max(values)
+    else:
+        kind = bool if all(isinstance(v, bool) for v in values) else str
+        info.type = api_pb2.DATA_TYPE_BOOL if kind is bool else api_pb2.DATA_TYPE_STRING
+        distinct = sorted({v if kind is bool else str(v) for v in values})
+        info.domain_discrete.extend(distinct)  # a ListValue: bools and strings become their kinds of Value
+    return info
+
+
+def experiment(columns: dict[str, list], differs: bool, metrics: dict[str, str]) -> Summary:
+    """The tab's columns: the hyper-parameters ``columns`` ({name: the values runs have}), then ``metrics``
+    ({scalar tag: display name}) in that order."""
+    exp = api_pb2.Experiment(
+        hparam_infos=[hparam_info(name, values, differs) for name, values in columns.items()],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=shown)
+                      for tag, shown in metrics.items()])
+    return plugin_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
+        experiment=exp, version=metadata.PLUGIN_DATA_VERSION))
+
+
+def write_events(path: Path, summaries: Sequence[tuple[int, Summary]]) -> None:
+    """An event file at ``path`` holding ``summaries`` ((step, summary) pairs), replacing any (atomically, so
+    that TensorBoard never reads half of it). The events carry no wall time, so the same summaries make the
+    same bytes: a file that already holds them is left untouched (a report run again changes no run folder)."""
+    buffer = io.BytesIO()
+    records = RecordWriter(buffer)
+    records.write(Event(file_version="brain.Event:2").SerializeToString())
+    for step, summary in summaries:
+        records.write(Event(step=step, summary=summary).SerializeToString(deterministic=True))
+    content = buffer.getvalue()
+    if path.is_file() and path.read_bytes() == content:
+        return
+    atomic_write(path, lambda f: f.write(content))
+
+
+def read_session_start(path: Path) -> dict:
+    """The hyper-parameters ({name: value}) of the session start info in event file ``path`` ({} if none)."""
+    for event in EventFileLoader(str(path)).Load():
+        for value in event.summary.value:
+            if value.tag == metadata.SESSION_START_INFO_TAG:
+                info = metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
+                return {name: getattr(v, v.WhichOneof("kind")) for name, v in info.hparams.items()}
+    return {}
+
+
 class TBLogger:
     """A SummaryWriter in the run directory that declares the run's hyper-parameters once, at the start."""
 
     def __init__(self, log_dir: Path, hparam_dict: dict) -> None:
         self.writer = SummaryWriter(log_dir=str(log_dir))
         # Written at the start (not via add_hparams at the end) so running and failed runs show in the
-        # HParams tab too, and into this run's own event file rather than a timestamped sub-run.
-        exp, ssi, sei = hparams(hparam_dict, dict.fromkeys(HPARAM_METRICS, 0.0))
-        for summary in (exp, ssi, sei):
-            self.writer.file_writer.add_summary(summary)
+        # HParams tab too, in this run's folder rather than a timestamped sub-run, and in a file of its own:
+        # the report rewrites it without the columns (the tab reads the columns of one run only, any one).
+        hparams = {hparam_names(hparam_dict)[key]: value for key, value in hparam_dict.items()}
+        columns = {name: [value] for name, value in hparams.items()}
+        write_events(Path(log_dir) / HPARAMS_FILE, [(0, experiment(columns, False, HPARAM_METRICS)),
+                                                     (0, session_start(hparams))])
 
     def log_scalars(self, entry: dict, best: dict | None) -> None:
         """One results.json history entry at step = its epoch; the val scalars (and the best so far, for the
         HParams tab) only if the epoch was evaluated."""
         step = entry["epoch"]
-        self.scalars({"train/loss": entry["train_loss"], "lr": entry["lr"], "lr_head": entry["lr_head"],
-                      "drop_p": entry["drop_p"]}, step)
+        self.scalars({"train/loss": entry["train_loss"], "train/lr": entry["lr"], "train/lr_head": entry["lr_head"],
+                      "train/drop_p": entry["drop_p"]}, step)
         if "miou" not in entry:
             return
         self.scalars({"val/loss": entry["val_loss"], "val/miou": entry["miou"],
@@ -185,7 +299,8 @@ class View:
 
 class ImageViews:
     """The val images a run shows at each evaluated epoch, as PNGs under predictions/ and captioned strips in
-    TensorBoard: the fixed ones (``fixed``: val indices), and at a new best epoch its best and worst image."""
+    TensorBoard: the fixed ones (``fixed``: val indices), and at a new best epoch the image it segments best
+    (``val/easiest_image``) and worst (``val/hardest_image``)."""
 
     def __init__(self, tb: TBLogger, run_dir: RunDir, val_ds, val_loader, data_cfg, num_classes: int,
                  fixed: list[int]) -> None:
@@ -234,16 +349,73 @@ class ImageViews:
 
     def record(self, model: torch.nn.Module, runtime: Runtime, epoch: int, ev: Evaluation, is_best: bool) -> None:
         """The fixed images' predictions at evaluated epoch ``epoch`` (1-based); at a new best epoch also the
-        best and worst image's, and predictions/index.json."""
+        best and worst image's (``best``/``worst`` in predictions/index.json; in TensorBoard
+        ``val/easiest_image``/``val/hardest_image``: the run's own extremes, which differ little between runs)."""
         fixed = {i: self.predict(model, runtime, i, ev.preds.get(i)) for i in self.fixed}
         for i, view in fixed.items():
             self.show(f"val_images/{view.id}", view, epoch, self.view_miou(view, i, ev))
         if not is_best:
             return
         index = {"fixed": [v.id for v in fixed.values()], "best_epoch": epoch}
-        for name, i in zip(("best", "worst"), best_and_worst(ev.image_miou), strict=True):
+        for name, tag, i in zip(("best", "worst"), ("easiest", "hardest"), best_and_worst(ev.image_miou), strict=True):
             view = fixed[i] if i in fixed else self.predict(model, runtime, i, ev.preds.get(i))  # one forward at most
-            self.show(f"val/{name}_image", view, epoch, ev.image_miou[i])
-            self.tb.text(f"val/{name}_image_id", f"{view.id} (mIoU {ev.image_miou[i]:.3f})", epoch)
+            self.show(f"val/{tag}_image", view, epoch, ev.image_miou[i])
+            self.tb.text(f"val/{tag}_image_id", f"{view.id} (mIoU {ev.image_miou[i]:.3f})", epoch)
             index[name] = {"id": view.id, "miou": ev.image_miou[i]}
         self.run_dir.write_prediction_index(index)
+
+
+# ---- after the sweep: what the report knows and a run cannot ------------------------------------------------
+
+def write_comparison(run_dir: Path, values: dict[str, float]) -> None:
+    """``values`` ({scalar tag: value}) at step 0 in ``run_dir``'s comparison event file, replacing what an
+    earlier report wrote there (a report run again adds no second point)."""
+    write_events(Path(run_dir) / COMPARISON_FILE, [(0, Summary(value=[Summary.Value(tag=tag, simple_value=value)]))
+                                                   for tag, value in values.items()])
+
+
+def delta_by_run(root: Path, table: dict[str, list[dict]]) -> dict[Path, float]:
+    """{run folder: ΔmIoU vs none} of every run a report ``table`` counts ({schedule: rows}, as
+    ``report.summarize`` returns it): its row's Δ (its experiment's, as report.md shows it), 0 for `none`;
+    runs without a Δ are left out."""
+    deltas = {}
+    for rows in table.values():
+        for row in rows:
+            vs = row["vs_none"]
+            delta = 0.0 if row["cell"] == BASELINE else None if vs is None else vs["delta"]
+            if delta is None:
+                continue
+            for run in row["runs"]:
+                if run["status"] == "completed" and run["seed"] in row["seeds"]:
+                    deltas[Path(root) / run["path"]] = delta
+    return deltas
+
+
+def write_sweep_columns(root: Path) -> None:
+    """The HParams tab's columns for the runs under ``root``: only the hyper-parameters that vary (all when
+    none does) and the metrics, ΔmIoU vs none first. The tab reads the columns of one run only (any one), so
+    they go in one file, in the first run's folder (a file at ``root`` would be a run of its own, "."), and
+    each run's own columns are taken out of its HParams file (its row stays)."""
+    earlier = set(Path(root).rglob(EXPERIMENT_FILE))  # an earlier report's, wherever it put them
+    rows = {}
+    for path in sorted(Path(root).rglob(HPARAMS_FILE)):
+        rows[path] = read_session_start(path)
+        write_events(path, [(0, session_start(rows[path]))])
+    target = min(rows).parent / EXPERIMENT_FILE if rows else None
+    for path in earlier - {target}:
+        path.unlink()
+    if target is None:
+        return
+    names = sorted({name for row in rows.values() for name in row})
+    missing = object()
+    varying = [n for n in names if len({repr(row.get(n, missing)) for row in rows.values()}) > 1]
+    columns = {n: [row[n] for row in rows.values() if n in row] for n in varying or names}
+    write_events(target, [(0, experiment(columns, bool(varying), {DELTA_TAG: DELTA_NAME, **HPARAM_METRICS}))])
+
+
+def show_comparison(root: Path, table: dict[str, list[dict]]) -> None:
+    """After a report of the runs under ``root`` (``table`` its rows per schedule): each run's ΔmIoU vs none
+    as the scalar DELTA_TAG in its folder, and the HParams columns of the sweep (``write_sweep_columns``)."""
+    for run_dir, delta in delta_by_run(root, table).items():
+        write_comparison(run_dir, {DELTA_TAG: delta})
+    write_sweep_columns(root)

@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from deeplab_dropout.class_weights import class_weights
 from deeplab_dropout.cli import input_errors, run_app, run_job
-from deeplab_dropout.config import CONF_DIR, validate
+from deeplab_dropout.config import CONF_DIR, one_line, validate
 from deeplab_dropout.data import VOCSegmentation, get_datasets
 from deeplab_dropout.data.loaders import make_loaders
+from deeplab_dropout.data.split import ids_sha256
 from deeplab_dropout.engine import (
     EpochStats,
     Evaluation,
@@ -34,10 +35,12 @@ from deeplab_dropout.engine import (
     seed_everything,
     train_one_epoch,
 )
+from deeplab_dropout.interrupts import Interrupted, interruptible, shielded
 from deeplab_dropout.loss import Criterion, make_criterion
 from deeplab_dropout.model import build_model
+from deeplab_dropout.progress import RunProgress
 from deeplab_dropout.regularizers import describe_sites
-from deeplab_dropout.results import LAST
+from deeplab_dropout.results import LAST, free_space, no_space
 from deeplab_dropout.rundir import BestWeights, RunDir, RunResults
 from deeplab_dropout.runtime import Runtime, resolve_device, tune_malloc
 from deeplab_dropout.schedules import lr_at, scheduled_drop_p
@@ -70,6 +73,17 @@ class Run:
     start_epoch: int = 0
     saved_epoch: int = 0  # the epoch of checkpoints/last.pt (0: none yet)
     best: BestWeights | None = None  # a new best epoch's weights, until the next checkpoint writes best.pt
+    clock: RunProgress | None = None  # the epoch loop's progress (where a signal found the run)
+
+    def resume_point(self) -> str:
+        """Where a relaunch continues: ``from epoch k`` after last.pt's epoch, or from the start."""
+        return f"from epoch {self.saved_epoch + 1}" if self.saved_epoch > 0 else "from its start (no checkpoint yet)"
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, iteration within it), both 1-based, of the last training step taken (iteration 0: none yet)."""
+        if self.clock is None or self.clock.it is None:
+            return self.start_epoch + 1, 0
+        return self.clock.it // self.clock.steps + 1, self.clock.it % self.clock.steps + 1
 
 
 def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
@@ -100,6 +114,12 @@ def make_schedules(cfg: DictConfig, optimizer: torch.optim.Optimizer, model: tor
     return schedules
 
 
+def final_drop_p(cfg: DictConfig, loader_steps: int) -> float:
+    """The drop p at the run's last training iteration (below dropout.p when the ramp is longer than the run)."""
+    steps = loader_steps if cfg.trainer.max_train_steps is None else min(loader_steps, cfg.trainer.max_train_steps)
+    return scheduled_drop_p(cfg, (cfg.trainer.epochs - 1) * loader_steps + steps - 1, loader_steps)
+
+
 def set_up(cfg: DictConfig, run_dir: RunDir) -> Run:
     """Everything a run needs, resumed from the run dir's last checkpoint if it holds one. Input errors
     (config, data, weights, run dir) all fail here, before any work, as a one-line InputError."""
@@ -110,6 +130,9 @@ def set_up(cfg: DictConfig, run_dir: RunDir) -> Run:
         saved = run_dir.resumable_checkpoint(cfg)
         seed_everything(cfg.seed)
         train_ds, val_ds, split = get_datasets(cfg.data, seed=cfg.seed)
+        split["val_sha256"] = ids_sha256(val_ds.ids)
+        if saved is not None:
+            run_dir.check_same_data(saved.get("split") or {}, split)
         train_loader, val_loader = make_loaders(cfg, train_ds, val_ds, runtime)
         criterion = make_criterion(cfg, runtime.device, class_weights(cfg, train_ds, split["manifest"]))
         model = runtime.prepare(build_model(cfg, validate=False))
@@ -129,13 +152,19 @@ def set_up(cfg: DictConfig, run_dir: RunDir) -> Run:
     log.info("data: %d train images (split %s), %d val images, %d steps/epoch",
              len(train_ds), split["manifest"], len(val_ds), len(train_loader))
     log.info("regularisers: %s", describe_sites(model))
+    results.data["final_drop_p"] = final_drop_p(cfg, len(train_loader))
+    if results.data["final_drop_p"] < float(cfg.dropout.p) - 1e-9:
+        log.warning("schedule.ramp_epochs=%s is longer than the run (trainer.epochs=%d): p reaches %.3g of "
+                    "dropout.p=%s by its last iteration", cfg.schedule.ramp_epochs, cfg.trainer.epochs,
+                    results.data["final_drop_p"], cfg.dropout.p)
     if saved is not None:  # continue after the checkpoint's epoch: model, optimiser and scaler state, history
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         results.restore(saved["history"])
         run.start_epoch = run.saved_epoch = saved["epoch"]
-        run_dir.clean_up_after_kill(results, saved)
+        with input_errors():
+            run_dir.clean_up_after_kill(results, saved)
         log.info("resuming from %s after epoch %d", run_dir.last, run.start_epoch)
     return run
 
@@ -181,6 +210,9 @@ def train_epochs(run: Run, tb: TBLogger) -> int | None:
     schedules = make_schedules(cfg, run.optimizer, run.model, len(run.train_loader))
     views = ImageViews(tb, run.run_dir, run.val_ds, run.val_loader, cfg.data, cfg.model.num_classes,
                        run.tb_indices)
+    steps = len(run.train_loader) if t.max_train_steps is None else min(len(run.train_loader), t.max_train_steps)
+    clock = run.clock = RunProgress(run.start_epoch, t.epochs, steps, t.batch_size, run.runtime.device,
+                                    0 if run.progress else t.log_every)
     for epoch in range(run.start_epoch, t.epochs):
         if (stopped := early_stop(run)) is not None:  # before each epoch: a resumed run decides too
             return stopped
@@ -188,7 +220,7 @@ def train_epochs(run: Run, tb: TBLogger) -> int | None:
         try:
             stats = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scaler, run.criterion,
                                     schedules, run.runtime, epoch=epoch, seed=cfg.seed,
-                                    max_steps=t.max_train_steps, progress=run.progress, sync=t.profile)
+                                    max_steps=t.max_train_steps, progress=run.progress, sync=t.profile, log=clock)
         except NonFiniteLoss as e:
             last = f"is {LAST}, epoch {run.saved_epoch}" if run.saved_epoch > 0 else "does not exist yet"
             raise FloatingPointError(f"{e} (the last good checkpoint {last})") from None
@@ -208,9 +240,10 @@ def train_epochs(run: Run, tb: TBLogger) -> int | None:
             ids = run.val_ds.ids[:ev.image_counts.shape[0]]  # the images evaluate saw, in its order
             run.run_dir.write_per_image(ids, ev.image_counts.numpy(), entry["epoch"])
         results.write()
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %s  mIoU %s  lr %.2e  p %.3f  %.1fs", entry["epoch"],
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %s  mIoU %s  lr %.2e  p %.3f  %.1fs  %s", entry["epoch"],
                  t.epochs, entry["train_loss"], _fmt(entry.get("val_loss")), _fmt(entry.get("miou")),
-                 entry["lr"], entry["drop_p"], entry["seconds"])
+                 entry["lr"], entry["drop_p"], entry["seconds"],
+                 clock.epoch_summary(epoch, steps * t.batch_size, entry["seconds"]))
         if is_best:
             run.best = BestWeights.of(results, run.model.state_dict(), superseded=run.best)
         # The last epoch's checkpoint is written after the loop (last.pt then only if it is kept).
@@ -223,46 +256,96 @@ def train_epochs(run: Run, tb: TBLogger) -> int | None:
     return None
 
 
+def log_to_files(message: str, error: BaseException) -> None:
+    """``message`` with ``error``'s traceback into the run's log file (train.log) only: the console gets the
+    traceback once, from the error itself."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None,
+                            (type(error), error, error.__traceback__))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
 def run(cfg: DictConfig, run_dir: RunDir | Path) -> float:
     """Train and evaluate one configuration in ``run_dir``; returns the best monitored value. A completed run
-    is left as it is, an interrupted or failed one resumes from last.pt (or starts afresh without one)."""
+    is left as it is, an interrupted or failed one resumes from last.pt (or starts afresh without one).
+    SIGINT/SIGTERM end it as ``interrupted`` (exit 130/143), a full disk as ``failed`` (exit 1), each in one line."""
     run_dir = RunDir.of(run_dir)
     with input_errors():
         validate(cfg)
+        if cfg.trainer.rerun or not run_dir.is_completed():  # a completed run is only read: nothing to hold
+            run_dir.lock()
         done = run_dir.earlier_run(cfg)
     if done is not None:  # e.g. a sweep re-run with the same hydra.sweep.dir
         log.info("skipping %s: already completed", run_dir)
         return done.best_value()
-    state = set_up(cfg, run_dir)
-    results = state.results
-    results.write()
-    tb = TBLogger(run_dir.path, run_hparams(cfg))  # in the run dir: TensorBoard names runs by their folder
-    try:
-        stopped = train_epochs(state, tb)
-        if results.history:  # best.pt if still waiting; last.pt only if kept (a completed run is never resumed)
-            keep = bool(cfg.trainer.keep_last) and state.saved_epoch != results.history[-1]["epoch"]
-            checkpoint(state, write_last=keep)
-    except BaseException as e:
-        if state.best is not None:  # the weights results.json already names as the best
-            checkpoint(state, write_last=False)
-        results.finish("failed", error=f"{type(e).__name__}: {e}")
-        raise
-    else:
-        results.finish("completed", stopped_epoch=stopped)
-        if not cfg.trainer.keep_last:  # only resuming needs it (optimiser state): best.pt holds the weights
-            run_dir.remove_last()
-    finally:
-        tb.close()
+    with interruptible():
+        try:
+            state = set_up(cfg, run_dir)
+        except Interrupted as e:
+            print("interrupted while setting up; run the same command to start again", file=sys.stderr)
+            raise SystemExit(e.exit_code) from None
+        results = state.results
+        results.write()
+        tb = TBLogger(run_dir.path, run_hparams(cfg))  # in the run dir: TensorBoard names runs by their folder
+        try:
+            stopped = train_epochs(state, tb)
+            if results.history:  # best.pt if still waiting; last.pt only if kept (a completed run is never resumed)
+                keep = bool(cfg.trainer.keep_last) and state.saved_epoch != results.history[-1]["epoch"]
+                checkpoint(state, write_last=keep)
+        except BaseException as e:
+            with shielded():  # a second Ctrl-C waits until the state a resume reads is consistent
+                end_early(state, e)
+                tb.close()
+            raise
+        else:
+            results.finish("completed", stopped_epoch=stopped)
+            if not cfg.trainer.keep_last:  # only resuming needs it (optimiser state): best.pt holds the weights
+                run_dir.remove_last()
+        finally:
+            tb.close()
     best = results.data["best"]
     if best is not None:
         log.info("best epoch %d: mIoU %.4f (per-image mean %.4f); results: %s; tensorboard --logdir %s",
                  results.data["best_epoch"], best["miou"], best["per_image_miou"]["mean"], results.path,
                  run_dir)
     return results.best_value()
+
+
+def end_early(run: Run, error: BaseException) -> None:
+    """Leave a run that ``error`` stopped resumable and say so: best.pt if a best epoch still waits for it,
+    results.json ``interrupted`` (a signal) or ``failed``; the traceback goes to the log file only. A signal
+    or a full disk ends the process here, in one line (exit 128 + signal, 1); anything else is re-raised by
+    the caller. Writing that state never raises over ``error``."""
+    results, resume, disk_full = run.results, run.resume_point(), no_space(error)
+    try:
+        if run.best is not None:  # the weights results.json already names as the best
+            checkpoint(run, write_last=False)
+    except (OSError, RuntimeError) as e:  # e.g. the disk that is full: results.json still says what happened
+        log.warning("could not write %s: %s", run.run_dir.best, one_line(e))
+    if isinstance(error, Interrupted):
+        epoch, iteration = run.position()
+        message = f"interrupted at epoch {epoch}, iteration {iteration}; run the same command to resume {resume}"
+        status, code = "interrupted", error.exit_code
+    elif disk_full is not None:
+        where = disk_full.filename or run.run_dir.path
+        message = (f"no space left on device writing {where} ({free_space(where)} free); the run is resumable "
+                   f"{resume}")
+        status, code = "failed", 1
+    else:
+        message, status, code = f"{type(error).__name__}: {one_line(error)}", "failed", None
+        log_to_files(f"run failed: {message}", error)
+    try:
+        results.finish(status, error=message)
+    except (OSError, RuntimeError) as e:
+        log.warning("could not write %s: %s", results.path, one_line(e))
+    if code is not None:
+        print(f"{'error: ' if status == 'failed' else ''}{message}", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

@@ -2,9 +2,10 @@
 os.replace in a child process): an exception or a NaN at an exact training step, or a SIGKILL at an exact
 moment of a `deeplab-dropout-train` process.
 
-As a script: ``python tests/faults.py POINT:N [overrides...]`` runs `deeplab-dropout-train` with the
-overrides and SIGKILLs it at ``step:N`` (before the N-th optimiser step), ``eval:N`` (as the N-th evaluation
-starts) or ``last:N`` (in the N-th write of checkpoints/last.pt, its temp file written, not yet renamed).
+As a script: ``python tests/faults.py POINT:N[:SIGNAL] [overrides...]`` runs `deeplab-dropout-train` with the
+overrides and sends itself SIGNAL (KILL by default; TERM, INT) at ``step:N`` (before the N-th optimiser step),
+``eval:N`` (as the N-th evaluation starts) or ``last:N`` (in the N-th write of checkpoints/last.pt, its temp
+file written, not yet renamed).
 """
 from __future__ import annotations
 
@@ -64,13 +65,10 @@ def nan_output_at_step(n: int, model_class: str = "DeepLabV3Plus") -> Iterator[l
         handle.remove()
 
 
-def kill() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def main() -> None:
-    point, n = sys.argv[1].split(":")
-    tick = at_call(int(n), kill)
+    point, n, *sig = sys.argv[1].split(":")
+    signum = getattr(signal, f"SIG{sig[0] if sig else 'KILL'}")
+    tick = at_call(int(n), lambda: os.kill(os.getpid(), signum))
     sys.argv = [sys.argv[0], *sys.argv[2:]]
     if point == "step":
         register_optimizer_step_pre_hook(lambda *args: tick())

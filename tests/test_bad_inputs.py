@@ -1,5 +1,6 @@
 """Every bad input to `deeplab-dropout-train` ends with one stderr line, ``error: ...``, exit 2, and leaves a
-completed run's files (in another run dir, or in the same one) as they were."""
+completed run's files (in another run dir, or in the same one) as they were, and no run dir of its own
+unless its results.json records the failure."""
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +24,7 @@ from PIL import Image
 
 from deeplab_dropout import train as train_mod
 from deeplab_dropout.cli import InputError, run_job
+from deeplab_dropout.commands import train as train_command
 from deeplab_dropout.data.voc import voc_dir
 from deeplab_dropout.results import write_json
 from deeplab_dropout.rundir import RunDir
@@ -34,10 +36,11 @@ def base(root: Path, run_dir: Path) -> list[str]:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
-    """Every file a run wrote (Hydra rewrites its own .hydra/ and train.log on each call in a run dir)."""
+    """Every file a run wrote (Hydra rewrites its own .hydra/ and train.log, the run guard its .lock, on each
+    call in a run dir)."""
     return {name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
             if p.is_file() and not (name := str(p.relative_to(folder))).startswith(".hydra/")
-            and not name.endswith(".log")}
+            and not name.endswith(".log") and name != ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +53,14 @@ def completed(voc_root, tmp_path_factory) -> Path:
 
 def train(*args: str) -> subprocess.CompletedProcess:
     """`deeplab-dropout-train ARGS` through its real entry point, in this process (a subprocess per case
-    would spend ~4 s importing torch; tests/test_train.py runs the console path as a subprocess)."""
+    would spend seconds starting up; test_a_failed_start_leaves_no_folder runs one)."""
     err, code = io.StringIO(), 0
     GlobalHydra.instance().clear()
     argv = sys.argv
     sys.argv = ["deeplab-dropout-train", *args]
     try:
         with contextlib.redirect_stderr(err):
-            train_mod.main()
+            train_command.main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     finally:
@@ -76,10 +79,12 @@ def assert_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
 
 
 def check(completed: Path, root: Path, run_dir: Path, *overrides: str, expect: tuple[str, ...] = ()) -> None:
-    """Run with ``overrides`` in ``run_dir``: one error line, exit 2, the completed run untouched."""
+    """Run with ``overrides`` in ``run_dir``: one error line, exit 2, the completed run untouched, no run dir
+    left unless it records the failure (results.json)."""
     before = snapshot(completed)
     assert_one_line(train(*base(root, run_dir), *overrides), *expect)
     assert snapshot(completed) == before
+    assert not run_dir.exists() or (run_dir / "results.json").exists()
 
 
 @pytest.fixture
@@ -158,7 +163,10 @@ def test_size_mismatch(completed, data_copy, tmp_path):
     ("cell=nope", ("cell=nope", "upper-uout")),
     ("dropout=dropblok", ("dropout=dropblok", "channel, dropblock, none, uout")),
     ("placement=nope", ("placement=nope", "decoder")),
-    ("trainer.foo=1", ("trainer.foo", "+trainer.foo")),
+    ("trainer.foo=1", ("trainer.foo is not a config key (trainer has epochs, batch_size, ",)),
+    ("trainer.epoch=3", ("trainer.epoch is not a config key; did you mean trainer.epochs?",)),
+    ("+trainer.epoch=3", ("trainer.epoch is not a config key; did you mean trainer.epochs?",)),
+    ("cell=al-dropblock", ("did you mean cell=all-dropblock? (options: all-chandrop, ",)),
     ("trainer.device=cuda", ("trainer.device", "CUDA")),
 ])
 def test_bad_override(completed, voc_root, tmp_path, override, expect):
@@ -187,6 +195,55 @@ def test_bad_checkpoint_in_the_run_dir(completed, interrupted, voc_root, damage)
     before = snapshot(interrupted)
     check(completed, voc_root, interrupted, expect=("last.pt",))
     assert snapshot(interrupted) == before  # results.json, best.pt and tb of the earlier run included
+
+
+@pytest.mark.slow  # two fresh processes (~5 s each on 2 busy cores)
+def test_a_failed_start_leaves_no_folder(tmp_path):
+    """Through the console scripts' entry points, in a fresh folder: Hydra made the run dir (.hydra/, the log)
+    before the input was refused; nothing of the run's own was written, so the folder goes."""
+    for name in ("cell=none", "cell=spp-uout"):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "results.json").write_text("{}")
+    commands = {"train": ["dropout.p=2"], "eval": ["sweep"]}
+    procs = {name: subprocess.Popen([sys.executable, "-c", f"from deeplab_dropout.commands.{name} import main; "
+                                     "main()", *args], cwd=tmp_path, text=True, stderr=subprocess.PIPE)
+             for name, args in commands.items()}
+    errors = {name: (proc.communicate(timeout=300)[1], proc.returncode) for name, proc in procs.items()}
+    assert errors == {
+        "train": ("error: dropout.p=2 is invalid: expected a number in [0, 1)\n", 2),
+        "eval": ("error: sweep is a sweep of 2 runs; give one of them: sweep/cell=none, sweep/cell=spp-uout\n", 2)}
+    # Hydra's hydra.run.dir (outputs/runs/<time>, outputs/eval/<time>) is gone; the folders above it stay.
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "outputs").rglob("*")) == [
+        "outputs/eval", "outputs/runs"]
+
+
+def _failing_job(cfg, run_dir: Path):
+    raise InputError("data root not found: nowhere")
+
+
+@pytest.mark.parametrize("mode, extra, kept", [
+    (RunMode.RUN, None, False),  # only what Hydra wrote: removed
+    (RunMode.RUN, "results.json", True),  # a run's own record (an earlier run's, or this one's "failed")
+    (RunMode.RUN, "notes.txt", True),  # anything else a user put there
+    (RunMode.MULTIRUN, None, True),  # a sweep's job: its failure is recorded there
+])
+def test_only_a_single_runs_untouched_run_dir_is_removed(tmp_path, monkeypatch, capsys, mode, extra, kept):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra/config.yaml").write_text("{}")
+    (run_dir / "train.log").write_text("")
+    (run_dir / ".lock").write_text("")
+    if extra:
+        (run_dir / extra).write_text("{}")
+    hydra_cfg = SimpleNamespace(mode=mode, runtime=SimpleNamespace(output_dir=str(run_dir)),
+                                job=SimpleNamespace(name="train"))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+    with pytest.raises((SystemExit, InputError)):
+        run_job(_failing_job, tiny_cfg(tmp_path / "nowhere"))
+    assert capsys.readouterr().err == "error: data root not found: nowhere\n"
+    assert run_dir.exists() == kept
+    if mode == RunMode.MULTIRUN:
+        assert json.loads((run_dir / "results.json").read_text())["status"] == "failed"
 
 
 def test_unwritable_output_dir(completed, voc_root, tmp_path):

@@ -76,7 +76,7 @@ INVALID = [
      "placement.resnet_sites=first_block is inside layer1 but placement.resnet_stages=[3, 4] excludes stage 1"),
     (["model.output_stride=32"], "model.output_stride=32 is invalid: expected one of 8, 16"),
     (["model.arch=deeplabv4"],
-     "model.arch='deeplabv4' is invalid: expected one of " + ", ".join(ARCHS)),
+     "model.arch='deeplabv4' is invalid: expected one of " + ", ".join(ARCHS) + "; did you mean deeplabv3plus?"),
     (["model.pretrained=/no/such/file.pth"],
      "model.pretrained='/no/such/file.pth' is invalid: expected imagenet, none or an existing file"),
     (["model.num_classes=1"], "model.num_classes=1 is invalid: expected an integer in [2, inf)"),

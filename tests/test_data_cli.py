@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from deeplab_dropout.commands.data import main
 from deeplab_dropout.data import VOC_CLASSES, VOCSegmentation
-from deeplab_dropout.data.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

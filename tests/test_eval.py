@@ -83,6 +83,18 @@ def test_torchvision_weights_offline_is_one_line(monkeypatch, tmp_path):
         build_model(eval_cfg("model=torchvision_deeplabv3_resnet101", "model.pretrained=none", "cell=spp-uout"))
 
 
+def test_a_sweep_folder_is_refused_with_its_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    for name in ("cell=none", "cell=upper-uout"):
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "results.json").write_text("{}")
+    with pytest.raises(InputError) as err:
+        run_eval(eval_cfg(f"checkpoint={sweep}"), tmp_path / "eval")
+    assert str(err.value) == (f"{sweep} is a sweep of 2 runs; give one of them: {sweep / 'cell=none'}, "
+                              f"{sweep / 'cell=upper-uout'}")
+    assert not (tmp_path / "eval/results.json").exists()
+
+
 @pytest.mark.slow
 def test_missing_checkpoint_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="nope.pt"):

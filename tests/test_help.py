@@ -1,5 +1,6 @@
 """`--help` of `deeplab-dropout-train` and `deeplab-dropout-eval` (conf/hydra/help/): a description, the
-commands a newcomer needs and the real config groups, through the real entry points."""
+commands a newcomer needs and the real config groups, through the real entry points, which print it without
+importing torch."""
 from __future__ import annotations
 
 import subprocess
@@ -13,23 +14,25 @@ from deeplab_dropout.config import CONF_DIR
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "----- next help -----"
 pytestmark = pytest.mark.slow  # every test reads the commands' --help, run as subprocesses
-# `python -m MODULE FLAG` once per FLAG, in one process per module (each process spends ~4 s importing
-# torch): runpy runs the module as `python -m` does, sys.argv[0] included (Hydra prints it in its flags).
+# The console script's entry point (pyproject.toml: MODULE:main) once per FLAG, in one process per command;
+# last, whether torch was imported.
 SCRIPT = f"""
-import runpy, sys
+import importlib, sys
 from hydra.core.global_hydra import GlobalHydra
 module, *flags = sys.argv[1:]
 for flag in flags:
-    sys.argv = ["-m", flag]
+    sys.argv = ["deeplab-dropout-" + module.rpartition(".")[2], flag]
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        importlib.import_module(module).main()
     except SystemExit as e:  # Hydra exits 0 after printing a help
         if e.code:
             raise
     GlobalHydra.instance().clear()
     print({SPLIT!r}, flush=True)
+print("torch imported:", "torch" in sys.modules)
 """
-CALLS = {"deeplab_dropout.train": ["--help", "-h", "--hydra-help"], "deeplab_dropout.eval": ["--help", "-h"]}
+CALLS = {"deeplab_dropout.commands.train": ["--help", "-h", "--hydra-help"],
+         "deeplab_dropout.commands.eval": ["--help", "-h"]}
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +46,16 @@ def helps() -> dict[str, str]:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{module} exited {proc.returncode}: {err}"
         *texts, rest = out.split(SPLIT + "\n")
-        assert rest == "" and len(texts) == len(CALLS[module]), out
+        assert rest == "torch imported: False\n" and len(texts) == len(CALLS[module]), out
         command = module.rpartition(".")[2]
         outputs.update({f"{command} {flag}": text for flag, text in zip(CALLS[module], texts, strict=True)})
     return outputs
+
+
+def test_the_console_scripts_are_these_entry_points():
+    text = (REPO / "pyproject.toml").read_text()
+    for module in CALLS:
+        assert f'deeplab-dropout-{module.rpartition(".")[2]} = "{module}:main"' in text
 
 
 def config_groups() -> list[str]:

@@ -133,7 +133,7 @@ def test_tensorboard_in_the_run_dir_with_table3_hparams_and_captioned_strips(run
     content = ea.PluginTagToContent("hparams")["_hparams_/experiment"]
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
     assert [m.name.tag for m in experiment.metric_infos] == list(HPARAM_METRICS)
-    assert [h.name for h in experiment.hparam_infos][:5] == ["cell", "schedule", "seed", "p", "dropout"]
+    assert [h.display_name for h in experiment.hparam_infos][:5] == ["cell", "schedule", "seed", "p", "dropout"]
     res = json.loads((run_dir / "results.json").read_text())
     best, stats = res["best"], res["best"]["per_image_miou"]
     expected = [best["miou"], stats["mean"], stats["min"], stats["median"], stats["max"], stats["std"],
@@ -143,7 +143,7 @@ def test_tensorboard_in_the_run_dir_with_table3_hparams_and_captioned_strips(run
         assert [e.step for e in events] == [1, 2] and events[-1].value == pytest.approx(value, rel=1e-6)
     images = ea.Tags()["images"]
     fixed_tags = {f"val_images/{val_ids[5]}", f"val_images/{val_ids[0]}"}
-    assert fixed_tags | {"val/best_image", "val/worst_image"} <= set(images)
+    assert fixed_tags | {"val/easiest_image", "val/hardest_image"} <= set(images)
     event = ea.Images(f"val_images/{val_ids[0]}")[-1]
     # 33-pixel crops enlarged ×6 to reach 192, plus the caption band.
     assert (event.height, event.width) == (CAPTION_HEIGHT + 33 * 6, (3 * 33 + 8) * 6)

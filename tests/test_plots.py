@@ -15,9 +15,12 @@ from deeplab_dropout.data.voc import VOC_CLASSES, VOC_PALETTE
 from deeplab_dropout.report.figures import (
     DPI,
     SHEET_DPI,
+    class_delta_figure,
+    class_delta_rows,
     class_iou_figure,
     curves_figure,
     delta_figure,
+    monitor_curve,
     panel_epochs,
     per_image_figure,
     reference_figure,
@@ -81,6 +84,18 @@ def test_delta_plot_groups_cells_by_type_and_fills_significant_markers(tmp_path)
         filled = not np.allclose(m.get_facecolors()[0], to_rgba("white"))
         assert filled == (abs(y) > 0.01)
     assert any(np.allclose(line.get_ydata(), 0.0) for line in ax.lines)  # the zero line
+    # Every kind of mark has a legend entry: schedule colours, filled and open markers, the CI bar.
+    assert [t.get_text() for t in ax.get_legend().get_texts()][2:] == [
+        "filled: CI excludes 0", "open: CI includes 0", "bar: 95% CI"]
+
+
+def test_save_figure_writes_a_vector_pdf_beside_the_png(tmp_path):
+    out = save_figure(delta_figure(delta_rows()), tmp_path / "delta.png")
+    pdf = (tmp_path / "delta.pdf").read_bytes()
+    assert out == tmp_path / "delta.png" and pdf.startswith(b"%PDF")
+    assert b"/Subtype /Image" not in pdf  # lines and glyphs, no raster
+    save_figure(delta_figure(delta_rows()), tmp_path / "png-only.png", pdf=False)
+    assert not (tmp_path / "png-only.pdf").exists()
 
 
 def test_delta_plot_changes_with_one_value_and_skips_missing_baseline(tmp_path):
@@ -100,40 +115,74 @@ def test_delta_plot_changes_with_one_value_and_skips_missing_baseline(tmp_path):
 
 # ---- (b) curves --------------------------------------------------------------------------------------
 
+def curve(points: list, best: int | None, monitor: str = "per_image_miou_mean") -> dict:
+    return {"points": points, "best_epoch": best, "monitor": monitor}
+
+
 def curves() -> dict:
-    """Two schedules; one cell with three seeds (a NaN point, a shorter seed), one label outside Table 2."""
-    seeds = [[(1, 0.10), (2, 0.20), (3, 0.30)], [(1, 0.20), (2, 0.40), (3, math.nan)], [(1, 0.60), (2, 0.30)]]
-    return {"linear": {"all-chandrop": seeds, "none": [[(1, 0.2), (2, 0.25), (3, 0.3)]]},
-            "constant": {"spp-uout": [[(1, 0.15), (2, 0.2)]], "my-run": [[(1, 0.05), (2, None)]]}}
+    """One schedule's rows: a cell with three seeds (a NaN point, a shorter seed), `none`, a label outside
+    Table 2 with a missing point."""
+    seeds = [curve([(1, 0.10), (2, 0.20), (3, 0.30)], 3), curve([(1, 0.20), (2, 0.40), (3, math.nan)], 2),
+             curve([(1, 0.60), (2, 0.30)], 1)]
+    return {"all-chandrop": seeds, "none": [curve([(1, 0.2), (2, 0.25), (3, 0.3)], 3)],
+            "spp-uout": [curve([(1, 0.15), (2, 0.2)], 2)], "my-run": [curve([(1, 0.05), (2, None)], 1)]}
 
 
-def test_curves_plot_one_subplot_per_schedule_with_seed_mean_and_family_colours(tmp_path):
-    fig = curves_figure(curves())
+def test_curves_plot_seed_mean_family_colours_and_a_star_at_each_best_epoch(tmp_path):
+    fig = curves_figure(curves(), schedule="linear")
     png(save_figure(fig, tmp_path / "curves.png"), inches(fig))
-    axes = [ax for ax in fig.axes if ax.get_title()]
-    assert [ax.get_title() for ax in axes] == ["schedule: constant", "schedule: linear"]
-    lines = {line.get_label(): line for line in axes[1].lines if not line.get_label().startswith("_")}
+    [ax] = fig.axes
+    assert ax.get_title() == "validation per_image_miou_mean per epoch, schedule: linear"
+    assert ax.get_ylabel() == "per_image_miou_mean (trainer.monitor)"
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
     mean = lines["all-chandrop"]
     assert list(mean.get_xdata()) == [1, 2, 3]
     # Mean over the seeds that have a (finite) value at each epoch.
     np.testing.assert_allclose(mean.get_ydata(), [0.3, 0.3, 0.3])  # epoch 1: mean, not median (0.2)
-    thin = [line for line in axes[1].lines if line.get_label().startswith("_")]
+    unlabelled = [line for line in ax.lines if line.get_label().startswith("_")]
+    thin = [line for line in unlabelled if line.get_linestyle() == "-"]
     assert len(thin) == 3 and all(line.get_linewidth() < mean.get_linewidth() for line in thin)
+    # Each run's best epoch starred on its own line, in the line's colour.
+    stars = {(float(line.get_xdata()[0]), float(line.get_ydata()[0])): line.get_color()
+             for line in unlabelled if line.get_marker() == "*"}
+    assert set(stars) == {(3, 0.30), (2, 0.40), (1, 0.60), (3, 0.3), (2, 0.2), (1, 0.05)}
+    assert stars[(2, 0.40)] == mean.get_color() and to_rgba(stars[(3, 0.3)]) == (0, 0, 0, 1)  # none: black
     r, g, b, _ = mean.get_color()
     assert b > r  # chandrop family: blues
-    r, g, b, _ = [line for line in axes[0].lines if line.get_label() == "spp-uout"][0].get_color()
+    r, g, b, _ = lines["spp-uout"].get_color()
     assert r > b  # uout family: oranges
     assert to_rgba(lines["none"].get_color()) == (0, 0, 0, 1)
     legend = fig.legends[0]
-    assert sorted(t.get_text() for t in legend.get_texts()) == ["all-chandrop", "my-run", "none", "spp-uout"]
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "all-chandrop", "none", "spp-uout", "my-run", "best epoch (max per_image_miou_mean)",
+        "thin: one seed; thick: their mean"]
+    assert legend.legend_handles[4].get_marker() == "*"
 
 
-def test_curves_plot_changes_with_one_value(tmp_path):
+def test_curves_plot_names_every_monitor_and_changes_with_one_value(tmp_path):
     data = curves()
-    a = png(save_figure(curves_figure(data), tmp_path / "a.png"))
-    data["linear"]["none"][0][1] = (2, 0.6)
-    b = png(save_figure(curves_figure(data), tmp_path / "b.png"))
+    a = png(save_figure(curves_figure(data, "constant"), tmp_path / "a.png"))
+    data["none"][0]["points"][1] = (2, 0.6)
+    b = png(save_figure(curves_figure(data, "constant"), tmp_path / "b.png"))
     assert a.shape == b.shape and not np.array_equal(a, b)
+    data["my-run"][0]["monitor"] = "miou"
+    assert curves_figure(data, "constant").axes[0].get_ylabel() == "per_image_miou_mean / miou (trainer.monitor)"
+    with pytest.raises(ValueError, match="no curves"):
+        curves_figure({}, "constant")
+
+
+def test_monitor_curve_reads_the_metric_the_best_epoch_is_picked_by():
+    history = [{"epoch": 1, "miou": 0.1, "per_image_miou": {"mean": 0.5}, "batch_miou": [0.2, 0.4]},
+               {"epoch": 2, "train_loss": 1.0},  # not evaluated: no point
+               {"epoch": 3, "miou": 0.3, "per_image_miou": {"mean": 0.7}, "batch_miou": [0.6, None, 0.9]}]
+
+    def run(monitor: str | None) -> dict:
+        return {"config": {"trainer": {} if monitor is None else {"monitor": monitor}}, "history": history,
+                "best_epoch": 3}
+
+    assert monitor_curve(run("per_image_miou_mean")) == curve([(1, 0.5), (3, 0.7)], 3)
+    assert monitor_curve(run("batch_miou_mean"))["points"] == [(1, pytest.approx(0.3)), (3, pytest.approx(0.75))]
+    assert monitor_curve(run(None)) == curve([(1, 0.1), (3, 0.3)], 3, "miou")  # older runs: dataset mIoU
 
 
 # ---- (c) per-image distributions ---------------------------------------------------------------------
@@ -154,6 +203,11 @@ def test_per_image_plot_whiskers_at_min_and_max_and_changes_with_data(tmp_path):
     ends = np.concatenate([line.get_ydata() for line in ax.lines if line.get_linestyle() != "None"])
     assert np.isclose(ends, min(values)).any() and np.isclose(ends, max(values)).any()
     assert np.isclose(ends, 0.2).any() and np.isclose(ends, 0.7).any()  # NaN left out, not a whisker
+    # The legend names every mark: the mean's marker as drawn, the median line, the box and whiskers.
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["mean", "median", "box: quartiles; whiskers: worst, best"]
+    means = [line for line in ax.lines if line.get_linestyle() == "None" and len(line.get_ydata())]  # no fliers
+    assert means and {line.get_marker() for line in means} == {legend.legend_handles[0].get_marker()} == {"^"}
     a = png(out)
     dists["constant"]["none"] = values[:-1] + [0.01]
     b = png(save_figure(per_image_figure(dists), tmp_path / "b.png"))
@@ -190,6 +244,37 @@ def test_class_iou_plot_rejects_a_row_of_the_wrong_length(tmp_path):
         class_iou_figure([("cell-0", [0.1] * 21), ("cell-1", [0.1] * 3)], CLASSES)
 
 
+def test_class_delta_rows_subtract_each_rows_none_per_class():
+    def run(path: str, ious: list) -> dict:
+        return {"path": path, "best": {"class_iou": ious}}
+
+    by_path = {"n0": run("n0", [0.5, 0.2, None]), "n1": run("n1", [0.7, 0.4, None]),
+               "a0": run("a0", [0.9, 0.1, 0.3]), "a1": run("a1", [0.5, None, 0.5]), "b0": run("b0", [0.1, 0.1, 0.1])}
+
+    def row(label: str, paths: list[str], baseline: str | None) -> dict:
+        return {"label": label, "runs": [{"path": p, "seed": i} for i, p in enumerate(paths)],
+                "seeds": list(range(len(paths))), "vs_none": None if baseline is None else {"baseline": baseline}}
+
+    rows = [row("none", ["n0", "n1"], None), row("all-uout", ["a0", "a1"], "none"), row("spp-uout", ["b0"], None)]
+    [(label, deltas)] = class_delta_rows(rows, by_path)  # spp-uout has no `none` to compare with
+    # Class 0: mean(0.9, 0.5) − mean(0.5, 0.7); class 1: 0.1 (a1 has none) − 0.3; class 2: none has no IoU.
+    assert label == "all-uout" and deltas[:2] == pytest.approx([0.1, -0.2]) and deltas[2] is None
+
+
+def test_class_delta_plot_centres_its_colours_on_zero_and_names_the_schedule(tmp_path):
+    rows = [("all-uout", [0.1 * (c % 5 - 2) for c in range(len(CLASSES))]), ("spp-uout", [0.02] * len(CLASSES))]
+    rows[1][1][3] = None
+    fig = class_delta_figure(rows, CLASSES, schedule="linear")
+    a = png(save_figure(fig, tmp_path / "delta.png"), inches(fig))
+    ax = fig.axes[0]
+    assert ax.get_title() == "class IoU minus none's, schedule: linear"
+    assert ax.images[0].get_clim() == pytest.approx((-0.2, 0.2))  # symmetric: white is "same as none"
+    assert ax.texts[0].get_text() == "-0.20" and len(ax.texts) == 2 * len(CLASSES) - 1
+    assert (a == 211).all(axis=-1).any()  # the None cell in lightgrey
+    with pytest.raises(ValueError, match="row 'x' has 2 values, expected 21"):
+        class_delta_figure([("x", [0.0, 0.1])], CLASSES, "linear")
+
+
 # ---- (e) ours vs the paper --------------------------------------------------------------------------
 
 def reference_points() -> list[dict]:
@@ -217,6 +302,9 @@ def test_reference_plot_marks_schedules_colours_families_and_draws_y_equals_x(tm
     assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in lines] == [(p["paper"], p["ours"]) for p in points]
     diagonal = [line for line in ax.lines if len(line.get_xdata()) == 2]
     assert len(diagonal) == 1 and np.allclose(diagonal[0].get_xdata(), diagonal[0].get_ydata())
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "schedule: constant", "schedule: linear", "chandrop", "uout", "none", "pretrained-base", "y = x",
+        "bar: 95% CI over seeds"]
     points[2] = {**points[2], "ours": 0.55}
     b = png(save_figure(reference_figure(points), tmp_path / "b.png"))
     assert a.shape == b.shape and not np.array_equal(a, b)

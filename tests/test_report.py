@@ -6,11 +6,14 @@ The results.json fixtures carry the real composed config, so the grouping is tes
 from __future__ import annotations
 
 import copy
+import csv
 import functools
 import json
 import math
 import shlex
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -54,8 +57,9 @@ def metrics(v: float) -> dict:
 
 def fake_run(root, overrides: list[str], seed: int = 0, v: float | None = 0.5, *, cell: str | None = None,
              status: str = "completed", epoch: int = 3, folder: str | None = None,
-             config_name: str = "train") -> str:
-    """Write a results.json as a run with these overrides would; returns its folder name."""
+             config_name: str = "train", extra: dict | None = None) -> str:
+    """Write a results.json as a run with these overrides would (plus the top-level keys ``extra``); returns its
+    folder name."""
     config = copy.deepcopy(resolved_config(tuple(overrides), config_name))
     config["seed"] = seed
     if cell is None:
@@ -64,7 +68,7 @@ def fake_run(root, overrides: list[str], seed: int = 0, v: float | None = 0.5, *
     best = None if v is None else {"epoch": epoch, **metrics(v)}
     write_json(root / folder / "results.json", {
         "status": status, "cell": cell, "config": config, "best_epoch": None if v is None else epoch,
-        "best": best, "history": [] if best is None else [best]})
+        "best": best, "history": [] if best is None else [best], **(extra or {})})
     return folder
 
 
@@ -217,14 +221,20 @@ def test_report_orders_rows_like_table2_and_writes_files(tmp_path, capsys):
                 if line.startswith("| ") and "Experiment" not in line]
 
     rows = labels(constant)
-    # The COCO model differs from ours in model.*: its cell name says so, no row needs a key list.
-    assert rows == ["pretrained-base", "none", "resnet-chandrop", "upper-dropblock", "all-uout"]
+    # The COCO model differs from ours in model.*: its cell name says so, no row needs a key list. The failed
+    # experiment is no row: it is listed with the runs not counted.
+    assert rows == ["pretrained-base", "none", "resnet-chandrop", "all-uout"]
     assert rows == sorted(rows, key=TABLE_ORDER.index)
     assert labels(beside) == rows
-    assert "| upper-dropblock | 0 | – | – |" in out and "failed×1" in out
+    failed = out.split("### Failed or incomplete runs")[1]
+    assert "| cell=upper-dropblock,schedule=constant,seed=0 | upper-dropblock | constant | 0 | failed |" in failed
     assert (tmp_path / "report.md").read_text() + "\n" == out
     # Runs without per-image records, class IoU or predictions: the plots that have data, no image sheet.
-    assert {p.name for p in tmp_path.glob("*.png")} == {"delta_vs_none.png", "curves.png", "reference_vs_paper.png"}
+    # No per_image.npz: no Δ vs none, so no Δ plot but a note saying so.
+    pngs = {"curves_constant.png", "curves_linear.png", "reference_vs_paper.png"}
+    assert {p.name for p in tmp_path.glob("*.png")} == pngs
+    assert "Not drawn: delta_vs_none.png: no ΔmIoU vs none could be computed" in out
+    assert {p.name for p in tmp_path.glob("*.pdf")} == {name.replace(".png", ".pdf") for name in pngs}
     report_json = json.loads((tmp_path / "report.json").read_text())
     assert [row["label"] for row in report_json["tables"]["linear"]] == ["pretrained-base", "none", "resnet-chandrop",
                                                                 "all-uout"]
@@ -275,7 +285,11 @@ def test_each_run_with_a_best_checkpoint_gets_a_pasteable_eval_command(tmp_path,
     commands = {r["seed"]: r["eval"] for r in row["runs"]}
     assert commands[1] is None
     assert shlex.split(commands[0]) == ["deeplab-dropout-eval", str((tmp_path / kept).resolve())]
-    assert f"- spp-uout, seed 0: `{commands[0]}`" in capsys.readouterr().out
+    with open(tmp_path / "report.csv", newline="") as f:
+        [flat] = list(csv.DictReader(f))
+    assert flat["eval"] == commands[0]  # the run without a checkpoint has none
+    out = capsys.readouterr().out
+    assert "report.csv's `eval` column" in out and commands[0] not in out
 
 
 def test_help_says_what_it_reads_and_writes(capsys):
@@ -284,8 +298,9 @@ def test_help_says_what_it_reads_and_writes(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: deeplab-dropout-report")
-    for name in ("results.json", "per_image.npz", "report.md", "report.csv", "report.json", "delta_vs_none.png",
-                 "sheet_<type>_<schedule>.png", "deeplab-dropout-report outputs/demo", "--n-boot", "--sheets"):
+    for name in ("results.json", "per_image.npz", "report.md", "report.csv", "report.json", "report.tex",
+                 "report_tables.tex", "delta_vs_none.png", "curves_<schedule>.png", "class_iou_delta_<schedule>.png",
+                 "sheet_<type>_<schedule>.png", "PDF", "deeplab-dropout-report outputs/demo", "--n-boot", "--sheets"):
         assert name in out, name
 
 
@@ -297,3 +312,96 @@ def test_bad_report_options_fail_in_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"sheets=\['blocks'\] is invalid: expected types among chandrop"):
         ReportCallback(sheets=["blocks"])
     assert not (tmp_path / "report.md").exists()
+
+
+def test_symlinked_run_folders_are_read_once_each(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs, [], 0, 0.4, folder="a")
+    fake_run(runs, ["cell=spp-uout"], 0, 0.5, folder="b")
+    cmp = tmp_path / "cmp"
+    cmp.mkdir()
+    (cmp / "none").symlink_to(runs / "a")  # ln -s RUN_DIR cmp/name
+    (cmp / "spp").symlink_to(runs / "b")
+    (cmp / "spp-again").symlink_to(runs / "b")  # the same run twice: read once
+    (cmp / "loop").symlink_to(cmp)  # a link loop ends
+    assert [r["path"] for r in load_runs(cmp)] == ["none", "spp"]
+    assert main([str(cmp), "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "| none † | 1 | 0.4000 |" in out and "| spp-uout | 1 | 0.5000 |" in out
+
+
+def test_a_failed_sweep_beside_finished_runs_changes_no_label(tmp_path, capsys):
+    fake_run(tmp_path, [], 0, 0.4)
+    for cell in ("resnet-chandrop", "spp-uout"):
+        fake_run(tmp_path, [f"cell={cell}"], 0, 0.5)
+        fake_run(tmp_path, [f"cell={cell}", "dropout.p=0.9"], 0, None, status="failed")  # another p, all failed
+    fake_run(tmp_path, ["cell=spp-uout"], 1, None, status="running")  # a seed still running: same experiment
+    # Its process: another one, holding the run dir's lock as a training process does.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from deeplab_dropout.rundir import RunDir; "
+                               f"RunDir({str(tmp_path / 'cell=spp-uout,seed=1')!r}).lock(); print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    assert main([str(tmp_path), "--no-figures", "--reference", "none"]) == 0
+    holder.communicate("")  # the process ends: its lock is free, the run is shown as gone
+    assert main([str(tmp_path), "--no-figures", "--reference", "none"]) == 0
+    held, gone = capsys.readouterr().out.split("# deeplab-dropout report")[1:]
+    assert "completed×1, interrupted (process gone)×1 |" in gone
+    out = held
+    tables, failed = out.split("### Failed or incomplete runs")
+    labels = [line.split("|")[1].strip() for line in tables.splitlines() if line.startswith("| ")
+              and "Experiment" not in line]
+    assert labels == ["none †", "resnet-chandrop", "spp-uout"]
+    assert "| spp-uout | 1 | 0.5000 |" in tables and "completed×1, running×1 |" in tables
+    listed = [line.split("|")[1:3] for line in failed.splitlines() if line.startswith("| cell=")]
+    assert sorted((path.strip(), label.strip()) for path, label in listed) == [
+        ("cell=resnet-chandrop,dropout.p=0.9,seed=0", "resnet-chandrop [dropout.p=0.9]"),
+        ("cell=spp-uout,dropout.p=0.9,seed=0", "spp-uout [dropout.p=0.9]"),
+        ("cell=spp-uout,seed=1", "spp-uout")]
+    report_json = json.loads((tmp_path / "report.json").read_text())
+    assert [row["label"] for row in report_json["tables"]["constant"]] == ["none", "resnet-chandrop", "spp-uout"]
+    assert len(report_json["not_counted"]) == 3
+
+
+def test_a_ramp_that_ended_below_its_p_is_marked(tmp_path, capsys):
+    ramp = ["schedule=linear", "schedule.ramp_epochs=30"]
+    fake_run(tmp_path, [*ramp], 0, 0.4, extra={"final_drop_p": 0.0})  # none: no dropout, never marked
+    fake_run(tmp_path, ["cell=all-chandrop", *ramp], 0, 0.5, extra={"final_drop_p": 0.052})
+    fake_run(tmp_path, ["cell=all-chandrop", *ramp], 1, 0.5, extra={"final_drop_p": 0.052})
+    fake_run(tmp_path, ["cell=spp-uout", *ramp], 0, 0.5, extra={"final_drop_p": 0.2 - 1e-12})  # full
+    fake_run(tmp_path, ["cell=upper-uout", *ramp], 0, 0.5)  # older results: no final_drop_p
+    fake_run(tmp_path, ["cell=decoder-uout", *ramp, "dropout.p=0.5"], 0, 0.5, extra={"final_drop_p": 0.1})
+    fake_run(tmp_path, ["cell=resnet-uout", "schedule=constant"], 0, 0.5, extra={"final_drop_p": 0.1})
+    assert main([str(tmp_path), "--no-figures", "--reference", "none"]) == 0
+    out = capsys.readouterr().out
+    linear = out.split("### schedule = linear")[1]
+    marked = {line.split("|")[1].strip() for line in linear.splitlines() if "‡ |" in line}
+    assert marked == {"all-chandrop ‡", "decoder-uout ‡"}
+    # Two shortfalls: one line each, naming its rows.
+    assert "‡ ramp incomplete: p reached 0.052 of 0.2 (all-chandrop)" in linear
+    assert "‡ ramp incomplete: p reached 0.1 of 0.5 (decoder-uout)" in linear
+    assert "‡" not in out.split("### schedule = linear")[0]  # constant: p is p from the start
+    with open(tmp_path / "report.csv", newline="") as f:
+        final = {(r["schedule"], r["experiment"]): r["final_drop_p"] for r in csv.DictReader(f)}
+    assert final[("linear", "all-chandrop")] == "0.052" and final[("linear", "upper-uout")] == ""
+    assert final[("constant", "resnet-uout")] == "0.1"
+
+
+def test_one_shortfall_is_one_note_and_the_seeds_range_is_shown(tmp_path, capsys):
+    ramp = ["cell=all-chandrop", "schedule=linear"]
+    fake_run(tmp_path, ramp, 0, 0.5, extra={"final_drop_p": 0.05})
+    fake_run(tmp_path, ramp, 1, 0.5, extra={"final_drop_p": 0.1})
+    assert main([str(tmp_path), "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "| all-chandrop ‡ | 2 |" in out and "\n‡ ramp incomplete: p reached 0.05–0.1 of 0.2\n" in out
+    row = json.loads((tmp_path / "report.json").read_text())["tables"]["linear"][0]
+    assert row["final_drop_p"] == 0.05 and row["ramp_incomplete"] == {"reached": [0.05, 0.1], "p": 0.2}
+
+
+def test_without_none_the_delta_figures_are_a_note_not_an_empty_axis(tmp_path, capsys):
+    fake_run(tmp_path, ["cell=spp-uout"], 0, 0.5)
+    fake_run(tmp_path, ["cell=all-uout"], 0, 0.6)
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert ("Not drawn: delta_vs_none.png, class_iou_delta_constant.png: no `none` run in this folder to compare "
+            "with.") in out
+    assert not (tmp_path / "delta_vs_none.png").exists() and (tmp_path / "curves_constant.png").exists()

@@ -130,20 +130,24 @@ def png_pixels(path) -> np.ndarray:
 
 def test_plots_and_sheet_are_pngs_drawn_from_the_runs(study, tmp_path):
     # Generated data: no paper reference, so no reference_vs_paper.png (tests/test_reference.py draws it).
-    names = [f for key, f in FILES.items() if key != "reference"] + ["sheet_chandrop_constant.png",
-                                                                      "sheet_chandrop_linear.png"]
+    names = [f.format(schedule=s) for key, f in FILES.items() if key != "reference" for s in SCHEDULES]
+    names = list(dict.fromkeys(names)) + ["sheet_chandrop_constant.png", "sheet_chandrop_linear.png"]
     assert not (study / FILES["reference"]).exists()
+    assert len(names) == 9 and sorted(p.name for p in study.glob("*.png")) == sorted(names)
     for name in names:
         pixels = png_pixels(study / name)
         assert pixels.shape[0] >= 200 and pixels.shape[1] >= 300 and (study / name).stat().st_size > 10_000
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 8  # drawn, not a blank canvas
+        assert (study / name).with_suffix(".pdf").read_bytes().startswith(b"%PDF")
     assert all(f"({name})" in (study / "report.md").read_text() for name in names)
-    # Change one run's history and one saved prediction: the curves and the sheet change, nothing else.
+    # Change one run's monitored metric in its history and one saved prediction: that schedule's curves and the
+    # sheet change, nothing else (the plots read the best epoch from the per-image record, not the history).
     copy = tmp_path / "study"
     shutil.copytree(study, copy)
     run_dir = copy / "cell=all-chandrop,schedule=constant,seed=0"
     data = json.loads((run_dir / "results.json").read_text())
-    data["history"][0]["miou"] = 0.99
+    assert data["config"]["trainer"]["monitor"] == "per_image_miou_mean"
+    data["history"][0]["per_image_miou"]["mean"] = 0.99
     (run_dir / "results.json").write_text(json.dumps(data))
     index = json.loads((run_dir / "predictions" / "index.json").read_text())
     pred = run_dir / "predictions" / index["fixed"][0] / f"epoch_{data['best_epoch']:03d}.png"
@@ -155,7 +159,7 @@ def test_plots_and_sheet_are_pngs_drawn_from_the_runs(study, tmp_path):
     edited.save(pred)
     report(copy, n_boot=N_BOOT)
     changed = {name for name in names if not np.array_equal(png_pixels(study / name), png_pixels(copy / name))}
-    assert changed == {FILES["curves"], "sheet_chandrop_constant.png"}
+    assert changed == {"curves_constant.png", "sheet_chandrop_constant.png"}
 
 
 def test_failed_runs_are_listed_with_their_error(study, tmp_path):

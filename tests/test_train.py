@@ -81,12 +81,12 @@ def test_single_run_leaves_results_tensorboard_checkpoints(voc_root, tmp_path):
     ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     ea.Reload()
     tags = ea.Tags()
-    for tag in ("train/loss", "val/loss", "val/miou", "val/pixel_acc", "lr", "drop_p"):
+    for tag in ("train/loss", "val/loss", "val/miou", "val/pixel_acc", "train/lr", "train/drop_p"):
         assert tag in tags["scalars"]
         assert [ev.step for ev in ea.Scalars(tag)] == [1, 2, 3]
     assert [ev.value for ev in ea.Scalars("val/miou")] == pytest.approx([e["miou"] for e in res["history"]])
     assert tags["images"], "no image summaries"
-    assert any(t.startswith("val/best_image") for t in tags["images"])
+    assert any(t.startswith("val/easiest_image") for t in tags["images"])
     hparams = ea.PluginTagToContent("hparams")
     assert "_hparams_/experiment" in hparams and "_hparams_/session_start_info" in hparams
 
@@ -201,9 +201,10 @@ def test_multirun_trains_each_distinct_run_once_and_ends_with_the_report(voc_roo
         assert path.parent.name == f"cell={res['cell']},schedule={schedule}"
         seen.add((res["cell"], schedule))
     assert seen == {("none", "constant"), ("spp-uout", "constant"), ("spp-uout", "linear")}
-    assert "skipping cell=none,schedule=linear" in proc.stderr + proc.stdout
+    assert "cell=none,schedule=linear: repeats cell=none,schedule=constant: skipped" in proc.stderr + proc.stdout
     # The multirun ends with the Table 3/4 report of its runs; `none` is shown under both schedules.
-    assert (sweep / "report.md").is_file() and proc.stdout.count("| spp-uout | 1 |") == 2
+    assert (sweep / "report.md").is_file() and proc.stdout.count("| spp-uout | 1 |") == 1
+    assert proc.stdout.count("| spp-uout ‡ | 1 |") == 1  # the 30-epoch ramp of a 1-epoch run: marked
     assert proc.stdout.count("| none † | 1 |") == 2
 
 

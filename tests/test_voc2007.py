@@ -12,6 +12,7 @@ from conftest import SMALL, TINY, compose_cfg
 from omegaconf import OmegaConf
 
 from deeplab_dropout import train as train_mod
+from deeplab_dropout.commands.data import main as data_main
 from deeplab_dropout.config import ConfigError, validate
 from deeplab_dropout.data import (
     DatasetError,
@@ -23,7 +24,6 @@ from deeplab_dropout.data import (
     read_split_ids,
     voc_dir,
 )
-from deeplab_dropout.data.cli import main as data_main
 from deeplab_dropout.data.split import class_presence, manifest_path
 from deeplab_dropout.eval import run_eval
 from deeplab_dropout.train import TIMING_KEYS

@@ -65,7 +65,8 @@ def get_val_dataset(data_cfg: Any) -> VOCSegmentation:
     from deeplab_dropout.data.transforms import get_transform
 
     root, year, split = prepare_root(data_cfg), data_year(data_cfg), str(data_cfg.val_split)
-    ids = per_class_list(class_presence(root, split, year=year)) if data_cfg.val_list == "per_class" else None
+    presence = class_presence(root, split, data_cfg.get("cache_dir"), year) if data_cfg.val_list == "per_class" else None
+    ids = per_class_list(presence) if presence is not None else None
     if ids == []:
         raise DatasetError(f"data.val_list=per_class: no image of {split_file(root, split, year)} holds an object "
                            "class (1..20); use data.val_list=unique")
@@ -79,7 +80,7 @@ def get_datasets(data_cfg: Any, seed: int | None = None) -> tuple[VOCSegmentatio
 
     root, year = prepare_root(data_cfg), data_year(data_cfg)
     path, manifest = make_split(root, float(data_cfg.fraction), int(data_cfg.split_seed), str(data_cfg.train_split),
-                                method=str(data_cfg.split_method), year=year)
+                                data_cfg.get("cache_dir"), method=str(data_cfg.split_method), year=year)
     # `authors` repeats ids on purpose: the dataset then yields such an image once per listing.
     # data.augment.repeats = k lists the split k times: each repeat is its own index, so its own augmentation
     # seed (seed, epoch, index); data.cache decodes a repeated id once.

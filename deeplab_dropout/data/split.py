@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -34,6 +35,8 @@ from deeplab_dropout.data.voc import NUM_CLASSES, DatasetError, read_mask, read_
 from deeplab_dropout.results import write_json
 
 OBJECT_CLASSES = range(1, NUM_CLASSES)
+log = logging.getLogger("deeplab_dropout")
+_announced: set[Path] = set()  # the per-user cache folders already logged once
 
 
 def ids_sha256(ids: list[str]) -> str:
@@ -41,8 +44,37 @@ def ids_sha256(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
-def _cache_dir(root: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Path:
-    return Path(cache_dir) if cache_dir is not None else Path(root).expanduser() / "splits"
+def cache_file(root: str | os.PathLike, cache_dir: str | os.PathLike | None, name: str) -> Path:
+    """Where the cache file ``name`` (a split manifest, a class-presence index) of the dataset at ``root`` lives:
+    in ``cache_dir`` (data.cache_dir) when given; else in ``<root>/splits`` when it is there already or can be
+    written, else (a read-only dataset, as on clusters) in a per-user folder, ``user_cache_dir(root)``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser() / name
+    beside = Path(root).expanduser() / "splits"
+    if (beside / name).is_file() or _writable(beside):
+        return beside / name
+    fallback = user_cache_dir(root)
+    if fallback not in _announced:
+        _announced.add(fallback)
+        log.info("%s cannot be written: split manifests and caches go to %s (data.cache_dir sets another place)",
+                 beside, fallback)
+    return fallback / name
+
+
+def user_cache_dir(root: str | os.PathLike) -> Path:
+    """The per-user cache folder of the dataset at ``root``: $XDG_CACHE_HOME (or ~/.cache)/deeplab-dropout/splits/
+    <the root's absolute path, its separators as underscores>."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "deeplab-dropout" / "splits" / str(Path(root).expanduser().resolve()).strip("/").replace("/", "_")
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` (or, if absent, its nearest existing parent) can be written."""
+    while not folder.exists():
+        if folder == folder.parent:
+            return False
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
 
 
 def class_presence(root: str | os.PathLike, split: str = "train",
@@ -50,7 +82,7 @@ def class_presence(root: str | os.PathLike, split: str = "train",
     """Object classes (1..20) present in each mask of `split` of VOC<year>, read once and cached as JSON."""
     ids = read_split_ids(root, split, year)
     key = ids_sha256(ids)
-    cache = _cache_dir(root, cache_dir) / f"presence_VOC{year}_{split}_{key[:16]}.json"
+    cache = cache_file(root, cache_dir, f"presence_VOC{year}_{split}_{key[:16]}.json")
     if cache.is_file():
         try:
             data = json.loads(cache.read_text())
@@ -205,7 +237,7 @@ def manifest_path(root: str | os.PathLike, fraction: float, seed: int, split: st
                   cache_dir: str | os.PathLike | None = None, method: str = "per_class",
                   year: str | int = "2012") -> Path:
     """Where the manifest of (year, split, method, fraction, seed) lives."""
-    return _cache_dir(root, cache_dir) / f"VOC{year}_{split}_{method}_frac{fraction:g}_seed{seed}.json"
+    return cache_file(root, cache_dir, f"VOC{year}_{split}_{method}_frac{fraction:g}_seed{seed}.json")
 
 
 def _load_manifest(path: Path, root: str | os.PathLike, fraction: float, seed: int, split: str,

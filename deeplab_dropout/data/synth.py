@@ -217,6 +217,21 @@ def _write(vdir: Path, n_train: int, n_val: int, seed: int, min_side: int, max_s
         (sets / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
 
 
+def remove_abandoned(out: Path) -> None:
+    """Delete the temp folders (``.synth-<pid>-*``) that killed generators left in ``out``: those whose process
+    is gone (a generator running now keeps its own)."""
+    for tmp in out.glob(".synth-*"):
+        pid = tmp.name.split("-")[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def generate(out: str | os.PathLike, n_train: int = 200, n_val: int = 50, seed: int = 0,
              min_side: int = 300, max_side: int = 500, year: str | int = "2012") -> Path:
     """Write (or reuse) `out/VOCdevkit/VOC<year>` with JPEGs, palette PNG masks and ImageSets; return `out`.
@@ -226,13 +241,16 @@ def generate(out: str | os.PathLike, n_train: int = 200, n_val: int = 50, seed: 
     if not 16 <= min_side <= max_side:
         raise DatasetError(f"synthetic image sides need 16 <= min_side <= max_side (got {min_side}, {max_side})")
     out, year = Path(out).expanduser(), str(year)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} is not a folder: the generated dataset needs a folder to hold VOCdevkit/")
     params = _params(int(n_train), int(n_val), int(seed), int(min_side), int(max_side))
     if _existing(out, params, year):
         return out
     (out / "VOCdevkit").mkdir(parents=True, exist_ok=True)
+    remove_abandoned(out)
     # Build in a sibling temp folder and rename at the end, so a crash or a parallel run never
     # leaves a half-written dataset that later looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=out))
+    tmp = Path(tempfile.mkdtemp(prefix=f".synth-{os.getpid()}-", dir=out))
     try:
         vdir = voc_dir(tmp, year)
         _write(vdir, int(n_train), int(n_val), int(seed), int(min_side), int(max_side))

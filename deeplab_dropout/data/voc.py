@@ -56,6 +56,8 @@ def _check_root(root: str | os.PathLike, year: str | int = "2012") -> Path:
     root_p = Path(root).expanduser()
     fix = ("data.root must be the folder holding VOCdevkit/; `deeplab-dropout-data synth --out DIR` "
            "or data.download=true produce one")
+    if root_p.exists() and not root_p.is_dir():
+        raise DatasetError(f"data root is not a folder: {root_p.resolve()} ({fix})")
     if not root_p.is_dir():
         raise DatasetError(f"data root not found: {root_p.resolve()} ({fix})")
     vdir = voc_dir(root_p, year)

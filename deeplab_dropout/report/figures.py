@@ -1,9 +1,9 @@
-"""The report's figures: ΔmIoU vs none, validation mIoU curves, per-image mIoU boxes, the class IoU heat map,
-our Mean mIoU against the paper's (when the report shows the paper's tables) and the image sheets of saved
-predictions.
+"""The report's figures: ΔmIoU vs none, the monitored metric's validation curves (one figure per schedule, each
+run's best epoch starred), per-image mIoU boxes, the class IoU heat map and its Δ vs none per schedule, our Mean
+mIoU against the paper's (when the report shows the paper's tables) and the image sheets of saved predictions.
 
 Each ``*_figure`` function draws one Figure from plain data; ``draw_figures`` shapes that data from the report's
-table rows and the runs' files, and saves each figure that has data as a PNG.
+table rows and the runs' files, and saves each figure that has data as a PNG and a vector PDF.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from deeplab_dropout.data.voc import IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE  # n
 from deeplab_dropout.metrics import SegmentationMetrics, miou_from_counts  # noqa: E402
 from deeplab_dropout.report.tables import Records  # noqa: E402
 from deeplab_dropout.results import PREDICTIONS  # noqa: E402
+from deeplab_dropout.rundir import RunResults  # noqa: E402
 from deeplab_dropout.study import (  # noqa: E402
     BASELINE,
     BASELINE_COLOUR,
@@ -46,20 +47,27 @@ from deeplab_dropout.study import (  # noqa: E402
 DPI = 100
 SHEET_DPI = 80
 MAX_SHEET_ROWS = 30
-FILES = {"delta": "delta_vs_none.png", "curves": "curves.png", "per_image": "per_image.png",
-         "class_iou": "class_iou.png", "reference": "reference_vs_paper.png"}
+# The plots (each also as .pdf); {schedule}: one figure per schedule.
+FILES = {"delta": "delta_vs_none.png", "curves": "curves_{schedule}.png", "per_image": "per_image.png",
+         "class_iou": "class_iou.png", "class_delta": "class_iou_delta_{schedule}.png",
+         "reference": "reference_vs_paper.png"}
+DEFAULT_MONITOR = "miou"  # the monitor of a run whose config names none (older results)
+BEST_MARKER = "*"
+MEAN_STYLE = {"marker": "^", "markerfacecolor": "white", "markeredgecolor": "black"}  # per_image.png's mean
 SCHEDULE_MARKERS = ("o", "s", "^", "D", "v")  # by schedule, in _schedules order (constant, linear, others)
 OTHER_COLOUR = (0.5, 0.5, 0.5, 1.0)  # rows that are not a Table 2 cell (pretrained-base)
 _EPOCH_PNG = re.compile(r"epoch_(\d+)\.png")
 
 
-def save_figure(fig: plt.Figure, out: Path, dpi: int = DPI) -> Path:
-    """Write the figure as ``out`` (parent folders made) and free it; matplotlib keeps open figures alive
-    otherwise. Returns ``out``."""
+def save_figure(fig: plt.Figure, out: Path, dpi: int = DPI, pdf: bool = True) -> Path:
+    """Write the figure as ``out`` (a PNG, parent folders made) and, with ``pdf``, as a vector PDF beside it
+    (same name, .pdf), then free it: matplotlib keeps open figures alive otherwise. Returns ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.savefig(out, dpi=dpi)
+        if pdf:
+            fig.savefig(out.with_suffix(".pdf"), dpi=dpi)  # dpi: the raster images inside (image sheets)
     finally:
         plt.close(fig)
     return out
@@ -157,66 +165,96 @@ def delta_figure(rows: list[dict]) -> plt.Figure:
     ax.set_ylabel("ΔmIoU vs none")
     ax.set_title("ΔmIoU vs none (95% paired bootstrap CI)")
     handles = [Line2D([], [], marker="o", ls="", color=colours[s], label=s) for s in schedules]
-    handles.append(Line2D([], [], marker="o", ls="", mfc="grey", mec="grey", label="filled: CI excludes 0"))
+    handles += [Line2D([], [], marker="o", ls="", mfc="grey", mec="grey", label="filled: CI excludes 0"),
+                Line2D([], [], marker="o", ls="", mfc="white", mec="grey", label="open: CI includes 0"),
+                Line2D([], [], color="grey", ls="", marker="|", ms=12, mew=1.2, label="bar: 95% CI")]
     ax.legend(handles=handles, loc="best", fontsize="small")
     return fig
 
 
-# ---- (b) validation mIoU curves ----------------------------------------------------------------------
+# ---- (b) validation curves of the monitored metric ---------------------------------------------------
 
-def val_curves(table: dict[str, list[dict]], by_path: dict[str, dict]) -> dict:
-    """{schedule: {label: [[(epoch, val mIoU), ...] per seed]}} from the runs' histories."""
-    return {schedule: {row["label"]: [[(e["epoch"], e["miou"]) for e in run["history"]
-                                       if e.get("miou") is not None] for run in counted(row, by_path)]
-                       for row in rows} for schedule, rows in table.items()}
+def monitor_of(run: dict) -> str:
+    """The metric a run picked its best epoch by (its config's ``trainer.monitor``)."""
+    return (run["config"].get("trainer") or {}).get("monitor") or DEFAULT_MONITOR
 
 
-def _mean_curve(seeds: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+def monitor_curve(run: dict) -> dict:
+    """One run's curve: ``points`` [(epoch, monitored value or None)] of its evaluated epochs, its
+    ``best_epoch`` and the ``monitor``."""
+    monitor, points = monitor_of(run), []
+    for entry in run.get("history", []):
+        if "miou" not in entry:  # an epoch without validation
+            continue
+        try:
+            value = RunResults.monitor_value(entry, monitor)
+        except (KeyError, TypeError):
+            value = None
+        points.append((entry["epoch"], value))
+    return {"points": points, "best_epoch": run.get("best_epoch"), "monitor": monitor}
+
+
+def val_curves(table: dict[str, list[dict]], by_path: dict[str, dict]) -> dict[str, dict[str, list[dict]]]:
+    """{schedule: {label: [``monitor_curve`` of each counted run]}}."""
+    return {schedule: {row["label"]: [monitor_curve(run) for run in counted(row, by_path)] for row in rows}
+            for schedule, rows in table.items()}
+
+
+def _points(curve: dict) -> list[tuple[int, float]]:
+    """A curve's points that have a finite value."""
+    return [(int(e), float(v)) for e, v in curve["points"] if v is not None and math.isfinite(v)]
+
+
+def _mean_curve(curves: list[dict]) -> tuple[list[int], list[float]]:
     """Epoch-wise mean over the seeds that reached each epoch (NaN/None points left out)."""
     by_epoch: dict[int, list[float]] = {}
-    for series in seeds:
-        for epoch, miou in series:
-            if miou is not None and math.isfinite(miou):
-                by_epoch.setdefault(int(epoch), []).append(float(miou))
+    for curve in curves:
+        for epoch, value in _points(curve):
+            by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
     return epochs, [float(np.mean(by_epoch[e])) for e in epochs]
 
 
-def _draw_curves(ax: plt.Axes, label: str, seeds: list, colour) -> Line2D | None:
-    """Thin line per seed when there are several, and a thick mean line; returns the legend handle."""
-    if len(seeds) > 1:
-        for series in seeds:
-            pts = [(e, m) for e, m in series if m is not None and math.isfinite(m)]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), color=colour, lw=0.7, alpha=0.45)
-    epochs, mean = _mean_curve(seeds)
+def _draw_curves(ax: plt.Axes, label: str, curves: list[dict], colour) -> Line2D | None:
+    """Thin line per seed when there are several, a thick mean line, and each seed's best epoch as a star on
+    its line; returns the legend handle."""
+    for curve in curves:
+        points = _points(curve)
+        if len(curves) > 1 and points:
+            ax.plot(*zip(*points, strict=True), color=colour, lw=0.7, alpha=0.45)
+        best = dict(points).get(curve["best_epoch"])
+        if best is not None:
+            ax.plot([curve["best_epoch"]], [best], ls="", marker=BEST_MARKER, ms=11, color=colour, mec="black",
+                    mew=0.6, zorder=4)
+    epochs, mean = _mean_curve(curves)
     if not epochs:
         return None
     (line,) = ax.plot(epochs, mean, color=colour, lw=2.0, label=label, marker="." if len(epochs) < 3 else None)
     return line
 
 
-def curves_figure(curves: dict[str, dict[str, list[list[tuple[int, float]]]]]) -> plt.Figure:
-    """Validation mIoU per epoch: one subplot per schedule, one colour per cell (shades of its family)."""
+def curves_figure(curves: dict[str, list[dict]], schedule: str) -> plt.Figure:
+    """The monitored metric per epoch of one schedule's rows (``val_curves``' {label: curves}), one colour per
+    cell (shades of its family), each run's best epoch starred; the y axis names the metric."""
     if not curves:
         raise ValueError("curves_figure: no curves to draw")
-    schedules = _schedules(curves)
-    labels = list(dict.fromkeys(lab for s in schedules for lab in curves[s]))
-    colours = {lab: cell_colour(lab, i) for i, lab in enumerate(labels)}
-    fig, axes = plt.subplots(1, len(schedules), figsize=(5.0 * len(schedules) + 2.5, 4.5),
-                             sharey=True, squeeze=False, layout="constrained")
+    monitors = list(dict.fromkeys(c["monitor"] for seeds in curves.values() for c in seeds)) or [DEFAULT_MONITOR]
+    fig, ax = plt.subplots(figsize=(9.5, 5.0), layout="constrained")
     handles: dict[str, Line2D] = {}
-    for ax, schedule in zip(axes[0], schedules, strict=True):
-        for label, seeds in curves[schedule].items():
-            line = _draw_curves(ax, label, seeds, colours[label])
-            if line is not None:
-                handles.setdefault(label, line)
-        ax.set_title(f"schedule: {schedule}")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("val mIoU")
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small")
+    for i, (label, seeds) in enumerate(curves.items()):
+        line = _draw_curves(ax, label, seeds, cell_colour(label, i))
+        if line is not None:
+            handles.setdefault(label, line)
+    ax.set_title(f"validation {', '.join(monitors)} per epoch, schedule: {schedule}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{' / '.join(monitors)} (trainer.monitor)")
+    ax.grid(alpha=0.3)
+    marks = [Line2D([], [], ls="", marker=BEST_MARKER, ms=11, color="grey", mec="black", mew=0.6,
+                    label=f"best epoch (max {' / '.join(monitors)})")]
+    if any(len(seeds) > 1 for seeds in curves.values()):
+        marks.append(Line2D([], [], color="grey", lw=0.7, label="thin: one seed; thick: their mean"))
+    fig.legend([*handles.values(), *marks], [*handles, *(m.get_label() for m in marks)],
+               loc="outside right upper", fontsize="small")
     return fig
 
 
@@ -244,7 +282,7 @@ def _draw_boxes(ax: plt.Axes, dists: dict[str, list[float]]) -> None:
     labels = list(dists)
     data = [_finite(dists[lab]) for lab in labels]
     boxes = ax.boxplot([d if d else [math.nan] for d in data], whis=(0, 100), showmeans=True,
-                       patch_artist=True, widths=0.6, medianprops={"color": "black"})
+                       patch_artist=True, widths=0.6, medianprops={"color": "black"}, meanprops=MEAN_STYLE)
     for i, (patch, label) in enumerate(zip(boxes["boxes"], labels, strict=True)):
         patch.set_facecolor(cell_colour(label, i))
         patch.set_alpha(0.6)
@@ -265,53 +303,95 @@ def per_image_figure(dists: dict[str, dict[str, list[float]]]) -> plt.Figure:
         ax.set_title(f"schedule: {schedule}")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("per-image mIoU")
+    legend = [Line2D([], [], ls="", **MEAN_STYLE, label="mean"), Line2D([], [], color="black", label="median"),
+              Patch(facecolor="lightgrey", edgecolor="black", label="box: quartiles; whiskers: worst, best")]
+    fig.legend(handles=legend, loc="outside right upper", fontsize="small")
     return fig
 
 
 # ---- (d) class IoU heat map --------------------------------------------------------------------------
 
+def mean_class_iou(runs: list[dict]) -> list[float | None]:
+    """Each class's IoU at the runs' best epochs, averaged over the runs that have it (None where none does)."""
+    ious = [run["best"].get("class_iou") or [] for run in runs]
+    k = max((len(i) for i in ious), default=0)
+    values = [[i[c] for i in ious if c < len(i) and i[c] is not None] for c in range(k)]
+    return [sum(v) / len(v) if v else None for v in values]
+
+
 def class_rows(table: dict[str, list[dict]], by_path: dict[str, dict]) -> list[tuple[str, list[float | None]]]:
     """(label, mean class IoU over the row's runs at their best epochs; None where no run has it) per experiment
-    with counted runs, each once."""
-    ious: dict[str, list[list]] = {}
+    with counted runs, each once; [] when no run recorded class IoU (hand-made or old results)."""
+    rows: dict[str, list[float | None]] = {}
     several = len(table) > 1
-    for schedule, rows in table.items():
-        for row in rows:
+    for schedule, table_rows in table.items():
+        for row in table_rows:
             label = row["label"] + (f" [{schedule}]" if several and not row["every_schedule"] else "")
             runs = counted(row, by_path)
             if runs:
-                ious.setdefault(label, [run["best"].get("class_iou") or [] for run in runs])
-    k = max((len(i) for runs in ious.values() for i in runs), default=0)
-    if k == 0:  # results.json without class_iou (hand-made or old runs): nothing to draw
-        return []
+                rows.setdefault(label, mean_class_iou(runs))
+    k = max((len(v) for v in rows.values()), default=0)
+    return [(label, values + [None] * (k - len(values))) for label, values in rows.items()] if k else []
+
+
+def class_delta_rows(rows: list[dict], by_path: dict[str, dict]) -> list[tuple[str, list[float | None]]]:
+    """(label, each class's IoU minus its `none` row's) for one schedule's regularised rows that have a `none`
+    to compare with (``vs_none["baseline"]``); None where either has no IoU for the class."""
+    by_label = {row["label"]: row for row in rows}
     out = []
-    for label, runs in ious.items():
-        values = [[i[c] for i in runs if c < len(i) and i[c] is not None] for c in range(k)]
-        out.append((label, [sum(v) / len(v) if v else None for v in values]))
+    for row in rows:
+        base = by_label.get((row["vs_none"] or {}).get("baseline"))
+        mine = mean_class_iou(counted(row, by_path))
+        theirs = [] if base is None else mean_class_iou(counted(base, by_path))
+        if base is None or not mine or not theirs:
+            continue
+        k = max(len(mine), len(theirs))
+        mine, theirs = mine + [None] * (k - len(mine)), theirs + [None] * (k - len(theirs))
+        out.append((row["label"], [None if a is None or b is None else a - b
+                                   for a, b in zip(mine, theirs, strict=True)]))
     return out
+
+
+def _heat_map(rows: list[tuple[str, list[float | None]]], class_names: list[str], name: str, cmap: str,
+              limits: tuple[float, float], fmt: str, dark: Callable[[float], bool], colorbar: str,
+              title: str | None = None) -> plt.Figure:
+    """Cells × classes heat map of ``rows``, None drawn grey, each value written (``fmt``, white where ``dark``)
+    while they fit; ``name`` (the caller) in the error for a row of the wrong length."""
+    if not rows:
+        raise ValueError(f"{name}: no rows to draw")
+    k = len(class_names)
+    for label, values in rows:
+        if len(values) != k:
+            raise ValueError(f"{name}: row {label!r} has {len(values)} values, expected {k} classes")
+    grid = np.array([[math.nan if v is None else float(v) for v in values] for _, values in rows])
+    fig, ax = plt.subplots(figsize=(0.5 * k + 3.0, 0.32 * len(rows) + (2.6 if title else 2.2)), layout="constrained")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=plt.get_cmap(cmap).with_extremes(bad="lightgrey"),
+                      vmin=limits[0], vmax=limits[1], aspect="auto")
+    if len(rows) <= 25:  # beyond that the numbers no longer fit their cells
+        for (i, j), v in np.ndenumerate(grid):
+            if math.isfinite(v):
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=6,
+                        color="white" if dark(v) else "black")
+    ax.set_xticks(range(k), class_names, rotation=60, ha="right")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    return fig
 
 
 def class_iou_figure(rows: list[tuple[str, list[float | None]]], class_names: list[str]) -> plt.Figure:
     """Heat map of per-class IoU, cells × classes, colour bar 0..1, None drawn grey."""
-    if not rows:
-        raise ValueError("class_iou_figure: no rows to draw")
-    k = len(class_names)
-    for label, values in rows:
-        if len(values) != k:
-            raise ValueError(f"class_iou_figure: row {label!r} has {len(values)} values, expected {k} classes")
-    grid = np.array([[math.nan if v is None else float(v) for v in values] for _, values in rows])
-    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
-    fig, ax = plt.subplots(figsize=(0.5 * k + 3.0, 0.32 * len(rows) + 2.2), layout="constrained")
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
-    if len(rows) <= 25:  # beyond that the numbers no longer fit their cells
-        for (i, j), v in np.ndenumerate(grid):
-            if math.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < 0.5 else "black")
-    ax.set_xticks(range(k), class_names, rotation=60, ha="right")
-    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
-    fig.colorbar(image, ax=ax, label="IoU")
-    return fig
+    return _heat_map(rows, class_names, "class_iou_figure", "viridis", (0.0, 1.0), ".2f", lambda v: v < 0.5, "IoU")
+
+
+def class_delta_figure(rows: list[tuple[str, list[float | None]]], class_names: list[str],
+                       schedule: str) -> plt.Figure:
+    """Heat map of each cell's class IoU minus its `none`'s, cells × classes, diverging colours centred on 0
+    (blue: the cell is better), None drawn grey; the schedule in the title."""
+    limit = max([abs(v) for _, values in rows for v in values if v is not None and math.isfinite(v)] + [0.01])
+    return _heat_map(rows, class_names, "class_delta_figure", "RdBu", (-limit, limit), "+.2f",
+                     lambda v: abs(v) > 0.6 * limit, "IoU − none's IoU", f"class IoU minus none's, schedule: {schedule}")
 
 
 # ---- (e) ours vs the paper -------------------------------------------------------------------------
@@ -362,6 +442,8 @@ def reference_figure(points: list[dict]) -> plt.Figure:
     handles += [Patch(color=plt.get_cmap(FAMILY_COLORMAPS[k])(0.7) if k in FAMILY_COLORMAPS else _row_colour(k),
                       label=k) for k in sorted(kinds, key=family_rank)]
     handles.append(Line2D([], [], color="grey", ls="--", label="y = x"))
+    if any(p["ci"] is not None for p in points):
+        handles.append(Line2D([], [], color="grey", ls="", marker="|", ms=12, mew=1.2, label="bar: 95% CI over seeds"))
     ax.legend(handles=handles, loc="best", fontsize="small")
     return fig
 
@@ -540,21 +622,43 @@ def sheet_figure(runs: list[tuple[str, Path]], class_names: list[str]) -> plt.Fi
 
 # ---- all of them -------------------------------------------------------------------------------------
 
+def delta_notes(table: dict[str, list[dict]], deltas: list[dict], compared: list[str]) -> list[str]:
+    """report.md's notes on the Δ vs none figures left out, so that none is an empty axis: delta_vs_none.png
+    when no row has a Δ (``deltas``), class_iou_delta_<schedule>.png for each schedule with regularised rows
+    not in ``compared`` (the schedules where a row has a `none` row to compare with)."""
+    regularised = [s for s, rows in table.items() if any(row["vs_none"] is not None for row in rows)]
+    left = [FILES["class_delta"].format(schedule=s) for s in regularised if s not in compared]
+    no_delta = bool(regularised) and not deltas
+    if not any(row["cell"] == BASELINE for rows in table.values() for row in rows):
+        left = [FILES["delta"]] * no_delta + left
+        return [f"Not drawn: {', '.join(left)}: no `none` run in this folder to compare with."] if left else []
+    notes = [f"Not drawn: {FILES['delta']}: no ΔmIoU vs none could be computed (the notes under the tables "
+             "say why)."] if no_delta else []
+    return notes + [f"Not drawn: {name}: no regularised row of that schedule has a `none` of the same "
+                    "experiment to compare with." for name in left]
+
+
 def draw_figures(root: Path, table: dict[str, list[dict]], runs: list[dict], records: Records,
-                 sheets: Iterable[str] = FAMILIES[:1]) -> list[Path]:
-    """Draw the plots (each one that has data; ours vs the paper only where rows have the paper's values) and the
-    image sheets of ``sheets`` (dropout families) into ``root``; returns the files written. A sheet none of whose
-    runs saved predictions is left out."""
+                 sheets: Iterable[str] = FAMILIES[:1]) -> tuple[list[Path], list[str]]:
+    """Draw the plots that have data (ours vs the paper only where rows have the paper's values; the Δ vs none
+    plots only where a `none` row is there to compare with) and the image sheets of ``sheets`` (dropout families)
+    into ``root``, each as PNG and PDF; returns the PNGs written and notes on the Δ figures left out. A sheet none
+    of whose runs saved predictions is left out."""
     by_path = {r["path"]: r for r in runs}
     rows = class_rows(table, by_path)
     names = class_names_for(max((len(v) for _, v in rows), default=len(VOC_CLASSES)))
     dists = per_image_dists(table, by_path, records)
-    plans = [(FILES["delta"], delta_rows(table), delta_figure),
-             (FILES["curves"], val_curves(table, by_path), curves_figure),
-             (FILES["per_image"], dists if any(v for d in dists.values() for v in d.values()) else {},
-              per_image_figure),
-             (FILES["class_iou"], rows, partial(class_iou_figure, class_names=names)),
-             (FILES["reference"], reference_points(table), reference_figure)]
+    deltas = [r for r in delta_rows(table) if r["delta"] is not None]
+    curves = val_curves(table, by_path)
+    plans = [(FILES["delta"], delta_rows(table) if deltas else [], delta_figure)]
+    plans += [(FILES["curves"].format(schedule=s), curves[s], partial(curves_figure, schedule=s)) for s in table]
+    plans += [(FILES["per_image"], dists if any(v for d in dists.values() for v in d.values()) else {},
+               per_image_figure),
+              (FILES["class_iou"], rows, partial(class_iou_figure, class_names=names))]
+    compared = [s for s, rows in table.items() if any((row["vs_none"] or {}).get("baseline") for row in rows)]
+    plans += [(FILES["class_delta"].format(schedule=s), class_delta_rows(table[s], by_path),
+               partial(class_delta_figure, class_names=names, schedule=s)) for s in compared]
+    plans.append((FILES["reference"], reference_points(table), reference_figure))
     drawn = [save_figure(draw(data), root / name) for name, data, draw in plans if data]
     for kind in sheets:
         for schedule in table:
@@ -564,4 +668,4 @@ def draw_figures(root: Path, table: dict[str, list[dict]], runs: list[dict], rec
                 continue  # no run of that family here, or none saved predictions (older runs)
             drawn.append(save_figure(sheet_figure(chosen, names), root / f"sheet_{kind}_{schedule}.png",
                                      dpi=SHEET_DPI))
-    return drawn
+    return drawn, delta_notes(table, deltas, compared)

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import shlex
 import statistics
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from deeplab_dropout import paper
-from deeplab_dropout.config import one_line
+from deeplab_dropout.config import REPORT_COLUMNS, one_line
 from deeplab_dropout.report.stats import mean_ci, paired_bootstrap
 from deeplab_dropout.results import BEST, PER_IMAGE, atomic_write, read_per_image, write_json
+from deeplab_dropout.rundir import RunDir
 from deeplab_dropout.saved_config import REGULARISER_GROUPS, experiment_config, experiment_key
 from deeplab_dropout.study import BASELINE, CONSTANT, PRETRAINED_BASE, TABLE_ORDER, UNREGULARISED
 
@@ -34,8 +36,8 @@ COLUMNS = {"mean": "Mean mIoU", "std": "Std.", "min": "Worst mIoU", "median": "M
            "val_loss": "Loss", "miou": "mIoU (dataset)", "pixel_acc": "Pixel accuracy", "best_epoch": "Best epoch"}
 # The columns report.md shows (report.csv/json hold them all): the study's Table 3/4, or the VOC 2007 course
 # report's table (pixel accuracy and IoU at each run's best epoch).
-COLUMN_SETS = {"paper": ("mean", "std", "min", "median", "max", "val_loss", "miou", "best_epoch"),
-               "course": ("pixel_acc", "miou", "val_loss", "best_epoch")}
+COLUMN_SETS = dict(zip(REPORT_COLUMNS, (("mean", "std", "min", "median", "max", "val_loss", "miou", "best_epoch"),
+                                        ("pixel_acc", "miou", "val_loss", "best_epoch")), strict=True))
 PER_IMAGE_COLUMNS = ("mean", "std", "min", "median", "max")
 # Columns where the ramp can be "better than without scheduling" (Table 4's bold), and which way is better.
 HIGHER_IS_BETTER = {"mean": True, "min": True, "median": True, "max": True, "miou": True, "pixel_acc": True,
@@ -45,6 +47,9 @@ DELTA, UP, DOWN = "ΔmIoU vs none [95% CI]", "▲", "▼"
 NOT_COMPARABLE = "n/c"  # a paper column that does not measure what ours does
 FOOTNOTE = f"{MARK} the same run(s) in every table: without a regulariser the schedule changes nothing"
 ABSENT = "(unset)"
+GONE = "interrupted (process gone)"  # a run whose results.json says running but whose lock no process holds
+RAMP_MARK = "‡"  # a ramped schedule that ended below its dropout.p (``ramp_shortfall``)
+RAMP_TOLERANCE = 1e-9
 MAX_LABEL_KEYS = 3  # a row label lists at most this many distinguishing keys (else its sweep folder)
 
 
@@ -90,16 +95,33 @@ def eval_command(run_dir: Path) -> str | None:
     return f"deeplab-dropout-eval {shlex.quote(str(run_dir.resolve()))}"
 
 
+def results_files(root: Path) -> list[Path]:
+    """Every results.json below ``root``, sorted, following symlinked folders (a comparison folder of
+    ``ln -s RUN_DIR cmp/name`` links): a folder reached twice (two links to one run, a link loop) is read
+    once, under the first path reached, in sorted order."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()
+        if "results.json" in files:
+            found.append(Path(folder) / "results.json")
+    return sorted(found)
+
+
 def load_runs(root: Path, unusable: list[dict] | None = None) -> list[dict]:
-    """Every usable results.json below ``root``, with ``path`` (its folder relative to ``root``), ``dir`` (the
-    folder) and ``eval`` (the command that evaluates it again) added.
+    """Every usable results.json below ``root`` (``results_files``), with ``path`` (its folder relative to
+    ``root``), ``dir`` (the folder) and ``eval`` (the command that evaluates it again) added.
 
     Unreadable or odd files are skipped with a warning on stderr (and appended to ``unusable`` as
     ``{path, status: "unreadable", error}``), so one bad run never hides the others.
     """
     root = Path(root)
     runs = []
-    for path in sorted(root.rglob("results.json")):
+    for path in results_files(root):
         try:
             data = json.loads(path.read_text())
             problem = check_run(data)
@@ -112,6 +134,8 @@ def load_runs(root: Path, unusable: list[dict] | None = None) -> list[dict]:
                                  "error": f"results.json: {problem}"})
             continue
         data.update(path=str(path.parent.relative_to(root)), dir=str(path.parent), eval=eval_command(path.parent))
+        if data["status"] == "running" and not RunDir(path.parent).held_elsewhere():
+            data["status"] = GONE  # killed (SIGKILL, a node lost): nothing runs there; the next launch resumes it
         runs.append(data)
     return runs
 
@@ -246,12 +270,40 @@ def make_row(exp: dict, keys: set[str], every_schedule: bool, statistics: str = 
     status: dict[str, int] = {}
     for r in exp["runs"]:
         status[r["status"]] = status.get(r["status"], 0) + 1
+    finals = [final for r, _ in counted if (final := final_drop_p(r)) is not None]
     return {"label": label, "cell": exp["cell"], "every_schedule": every_schedule, "keys": shown,
             "n": len(counted), "seeds": [r["config"]["seed"] for r, _ in counted],
             "runs": [{"path": r["path"], "seed": r["config"]["seed"], "status": r["status"],
-                      "error": r.get("error"), "eval": r.get("eval")} for r in exp["runs"]],
+                      "error": r.get("error"), "eval": r.get("eval"), "final_drop_p": r.get("final_drop_p")}
+                     for r in exp["runs"]],
             "duplicates": exp["duplicates"], "columns": columns, "status": dict(sorted(status.items())),
-            "vs_none": None, "ramp_better": []}
+            "vs_none": None, "ramp_better": [], "final_drop_p": min(finals) if finals else None,
+            "ramp_incomplete": None if every_schedule else ramp_shortfall([r for r, _ in counted])}
+
+
+def final_drop_p(run: dict) -> float | None:
+    """The dropout p a run's schedule reached at its last training iteration (results.json's ``final_drop_p``;
+    None in older results)."""
+    value = run.get("final_drop_p")
+    return float(value) if _number(value) and value is not None and math.isfinite(value) else None
+
+
+def ramp_shortfall(runs: list[dict]) -> dict | None:
+    """``{"reached": [lowest, highest], "p": dropout.p}`` when a ramped (not constant) schedule ended below its
+    ``dropout.p`` (``final_drop_p`` in results.json, by more than RAMP_TOLERANCE) in any of ``runs``: the run
+    stopped before the ramp was full (``trainer.epochs`` < ``schedule.ramp_epochs``). None otherwise, and for
+    runs without ``final_drop_p`` (older results)."""
+    short = []
+    for run in runs:
+        final, p = final_drop_p(run), (run["config"].get("dropout") or {}).get("p")
+        if run["config"]["schedule"]["name"] == CONSTANT or final is None or not _number(p) or p is None:
+            continue
+        if final < p - RAMP_TOLERANCE:
+            short.append((final, p))
+    if not short:
+        return None
+    finals = [final for final, _ in short]
+    return {"reached": [min(finals), max(finals)], "p": short[0][1]}
 
 
 def _order(row: dict) -> tuple[int, str]:
@@ -348,8 +400,9 @@ def constant_key(key: str, keys: list[str], experiments: dict[str, dict]) -> str
 
 def compare(tables: dict[str, dict[str, dict]], experiments: dict[str, dict], n_boot: int, boot_seed: int,
             records: Records) -> None:
-    """Fill each regularised row's ``vs_none`` (ΔmIoU, paired bootstrap) and, under a ramped schedule,
-    ``ramp_better`` (the columns that beat the constant schedule). ``tables``: {schedule: {key: row}}."""
+    """Fill each regularised row's ``vs_none`` (ΔmIoU, paired bootstrap; ``baseline``: the label of its `none`
+    row) and, under a ramped schedule, ``ramp_better`` (the columns that beat the constant schedule).
+    ``tables``: {schedule: {key: row}}."""
     for schedule, rows in tables.items():
         keys = list(rows)
         for key, row in rows.items():
@@ -359,21 +412,16 @@ def compare(tables: dict[str, dict[str, dict]], experiments: dict[str, dict], n_
             row["vs_none"] = vs_none(counted_runs(experiments[key]),
                                      None if base is None else counted_runs(experiments[base]),
                                      records, n_boot, boot_seed)
+            if base is not None:
+                row["vs_none"]["baseline"] = rows[base]["label"]  # the `none` row it is compared with
             if schedule != CONSTANT and CONSTANT in tables:
                 const = constant_key(key, list(tables[CONSTANT]), experiments)
                 row["ramp_better"] = ramp_better(row, None if const is None else tables[CONSTANT][const])
 
 
-def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0,
-              records: Records | None = None, statistics: str = "image", loss_epoch: str = "best"
-              ) -> dict[str, list[dict]]:
-    """{schedule: [row, ...]} in Table 2 order, one row per experiment (see ``make_row`` for a row's fields),
-    each regularised row compared with `none` (``vs_none``, ``n_boot`` resamples seeded by ``boot_seed``).
-
-    ``runs`` are results.json contents as ``load_runs`` returns them (checked, with ``path`` and ``dir``);
-    ``records`` reads their per_image.npz (pass one to share what it read).
-    """
-    experiments = group_experiments(runs)
+def label_rows(experiments: dict[str, dict], statistics: str, loss_epoch: str) -> dict[str, dict[str, dict]]:
+    """{schedule: {key: row}} of ``experiments``, each row labelled by the keys that tell it apart from the
+    other experiments given (``differing_keys`` among those of its cell and schedule, ``report_wide_keys``)."""
     wide = report_wide_keys(experiments)
     tables: dict[str, dict[str, dict]] = {}
     for schedule, keys in schedule_tables(experiments).items():
@@ -384,13 +432,41 @@ def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0,
             distinguishing = differing_keys(same_cell) | wide[exp["cell"] == PRETRAINED_BASE]
             tables[schedule][key] = make_row(exp, distinguishing, exp["cell"] in UNREGULARISED, statistics,
                                              loss_epoch)
-    compare(tables, experiments, n_boot, boot_seed, records or Records())
+    return tables
+
+
+def summarize(runs: Iterable[dict], n_boot: int = 2000, boot_seed: int = 0,
+              records: Records | None = None, statistics: str = "image", loss_epoch: str = "best",
+              incomplete: dict[str, list[dict]] | None = None) -> dict[str, list[dict]]:
+    """{schedule: [row, ...]} in Table 2 order, one row per experiment with a counted run (see ``make_row`` for
+    a row's fields), each regularised row compared with `none` (``vs_none``, ``n_boot`` resamples seeded by
+    ``boot_seed``).
+
+    Rows are labelled among the experiments that have a counted run only: a failed or running sweep beside
+    finished runs changes no label. The experiments without one (every run failed, running, or without a best
+    epoch) are no rows: their rows, labelled among all experiments, go to ``incomplete`` ({schedule: rows})
+    when it is given, for the list of runs not counted.
+
+    ``runs`` are results.json contents as ``load_runs`` returns them (checked, with ``path`` and ``dir``);
+    ``records`` reads their per_image.npz (pass one to share what it read).
+    """
+    experiments = group_experiments(runs)
+    counted = {key: exp for key, exp in experiments.items() if counted_runs(exp)}
+    tables = label_rows(counted, statistics, loss_epoch)
+    compare(tables, counted, n_boot, boot_seed, records or Records())
+    if incomplete is not None:
+        for schedule, rows in label_rows(experiments, statistics, loss_epoch).items():
+            left = [row for key, row in rows.items() if key not in counted]
+            if left:
+                incomplete[schedule] = sorted(left, key=_order)
     return {schedule: sorted(rows.values(), key=_order) for schedule, rows in tables.items()}
 
 
 # ---- report.md, report.csv, report.json --------------------------------------------------------------
 
-def _cell_text(column: str, mean: float | None, ci: float | None) -> str:
+def cell_text(column: str, mean: float | None, ci: float | None) -> str:
+    """A column's value as the tables show it: mean ± the CI half-width (the best epoch as an epoch), – if
+    missing."""
     if mean is None:
         return "–"
     if column != "best_epoch":
@@ -400,7 +476,9 @@ def _cell_text(column: str, mean: float | None, ci: float | None) -> str:
     return f"{mean:.1f} ± {ci:.1f}"
 
 
-def _delta_text(vs: dict | None) -> str:
+def delta_text(vs: dict | None) -> str:
+    """ΔmIoU vs none as the tables show it: Δ [CI], ▲/▼ where the CI excludes 0; – for a row without a
+    regulariser, n/a where it could not be computed."""
     if vs is None:  # not a regularised row
         return "–"
     if vs["delta"] is None:
@@ -410,24 +488,46 @@ def _delta_text(vs: dict | None) -> str:
     return f"{vs['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark}"
 
 
+def marked_label(row: dict) -> str:
+    """A row's label with its marks: † the same run(s) under every schedule, ‡ a ramp that ended below p."""
+    return (row["label"] + (f" {MARK}" if row["every_schedule"] else "")
+            + (f" {RAMP_MARK}" if row.get("ramp_incomplete") else ""))
+
+
 def row_text(row: dict) -> str:
-    """A row's label as a markdown table shows it: † when it is the same run(s) under every schedule."""
-    return (row["label"] + (f" {MARK}" if row["every_schedule"] else "")).replace("|", "\\|")
+    """A row's label as a markdown table shows it (``marked_label``)."""
+    return marked_label(row).replace("|", "\\|")
 
 
 def format_row(row: dict, shown: tuple[str, ...] = COLUMN_SETS["paper"]) -> str:
     """One markdown table line of the columns ``shown``; those a ramp improved (over the constant schedule) in
     bold."""
     label = row_text(row)
-    cols = [_cell_text(c, *row["columns"][c]) for c in shown]
+    cols = [cell_text(c, *row["columns"][c]) for c in shown]
     cols = [f"**{text}**" if c in row["ramp_better"] else text for c, text in zip(shown, cols, strict=True)]
     status = ", ".join(f"{s}×{n}" for s, n in row["status"].items())
-    return f"| {label} | {row['n']} | " + " | ".join(cols) + f" | {_delta_text(row['vs_none'])} | {status} |"
+    return f"| {label} | {row['n']} | " + " | ".join(cols) + f" | {delta_text(row['vs_none'])} | {status} |"
+
+
+def ramp_notes(rows: list[dict]) -> list[str]:
+    """The ‡ lines of a table: ``‡ ramp incomplete: p reached 0.052 of 0.2``, one per distinct shortfall, naming
+    its rows unless it is the only one."""
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        short = row.get("ramp_incomplete")
+        if short:
+            lo, hi = (f"{v:.3g}" for v in short["reached"])
+            reached = lo if lo == hi else f"{lo}–{hi}"
+            groups.setdefault(f"p reached {reached} of {short['p']:g}", []).append(row["label"])
+    if len(groups) == 1:
+        return [f"{RAMP_MARK} ramp incomplete: {text}" for text in groups]
+    return [f"{RAMP_MARK} ramp incomplete: {text} ({', '.join(labels)})" for text, labels in groups.items()]
 
 
 def table_notes(rows: list[dict]) -> list[str]:
-    """What a table's marks and gaps mean: †, duplicates counted once, Δ that could not be computed."""
+    """What a table's marks and gaps mean: †, ‡, duplicates counted once, Δ that could not be computed."""
     notes = [FOOTNOTE] if any(row["every_schedule"] for row in rows) else []
+    notes += ramp_notes(rows)
     notes += [f"note: {row['label']}: seed {d['seed']} of {d['path']} ({d['status']}) is the same run as "
               f"{d['same_as']}, counted once" for row in rows for d in row["duplicates"]]
     notes += [f"note: {row['label']}: no Δ vs none: {row['vs_none']['reason']}" for row in rows
@@ -472,8 +572,8 @@ def reference_line(reference: dict | None) -> str | None:
 
 
 def format_table(table: dict[str, list[dict]], columns: str = "paper", reference: dict | None = None) -> str:
-    """Markdown tables of the column set ``columns`` (COLUMN_SETS), one per schedule, with the notes, the
-    paper's table beside them (when ``reference`` is shown) and the eval commands under each."""
+    """Markdown tables of the column set ``columns`` (COLUMN_SETS), one per schedule, with the notes and the
+    paper's table beside them (when ``reference`` is shown)."""
     out, shown = [], COLUMN_SETS[columns]
     for schedule, rows in table.items():
         out.append(f"### schedule = {schedule}\n")
@@ -484,24 +584,24 @@ def format_table(table: dict[str, list[dict]], columns: str = "paper", reference
         out += [""] + notes if notes else []
         beside = format_reference(rows, reference) if reference and reference["shown"] else []
         out += [""] + beside if beside else []
-        commands = [f"- {row['label']}, seed {r['seed']}: `{r['eval']}`" for row in rows for r in row["runs"]
-                    if r.get("eval")]
-        out += ["", "Evaluate a run again:", ""] + commands if commands else []
         out.append("")
     return "\n".join(out)
 
 
-def not_counted(table: dict[str, list[dict]], unusable: list[dict]) -> list[dict]:
-    """Every run that is in no column (failed, running, no best epoch) and every unreadable results.json."""
+def not_counted(table: dict[str, list[dict]], unusable: list[dict],
+                incomplete: dict[str, list[dict]] | None = None) -> list[dict]:
+    """Every run that is in no column (failed, running, no best epoch) of the ``table``'s rows or of the
+    ``incomplete`` rows (``summarize``'s experiments without a counted run), and every unreadable results.json."""
     seen, out = set(), []
-    for schedule, rows in table.items():
+    for schedule, rows in [*table.items(), *(incomplete or {}).items()]:
         for row in rows:
             for r in row["runs"]:
                 if r["path"] in seen or (r["status"] == "completed" and r["seed"] in row["seeds"]):
                     continue
                 seen.add(r["path"])
                 out.append({"path": r["path"], "experiment": row["label"], "schedule": schedule,
-                            "seed": r["seed"], "status": r["status"], "error": r.get("error")})
+                            "seed": r["seed"], "status": r["status"], "error": r.get("error"),
+                            "eval": r.get("eval")})
     return out + unusable
 
 
@@ -509,7 +609,7 @@ def format_not_counted(runs: list[dict]) -> str:
     """The section listing the runs that are not in the tables, with their errors."""
     if not runs:
         return ""
-    lines = ["### Failed or incomplete runs (not in the tables)\n", "| run | experiment | schedule | seed | status "
+    lines = ["\n### Failed or incomplete runs (not in the tables)\n", "| run | experiment | schedule | seed | status "
              "| error |", "|---|---|---|---|---|---|"]
     for r in runs:
         cells = [r["path"], r.get("experiment", "?"), r.get("schedule", "?"), r.get("seed", "?"), r["status"],
@@ -518,10 +618,11 @@ def format_not_counted(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+EVAL_SEPARATOR = "; "  # between a row's eval commands in report.csv: the field pastes as one shell line
 CSV_FIELDS = ["schedule", "experiment", "cell", "every_schedule", "n", "seeds",
               *[f"{c}{suffix}" for c in COLUMNS for suffix in ("", "_ci95")],
               "delta_miou", "delta_ci_low", "delta_ci_high", "delta_excludes_zero", "delta_method", "delta_note",
-              "ramp_better", "status", "runs"]
+              "ramp_better", "status", "runs", "final_drop_p", "eval"]
 # Added at the end when the paper's tables are shown: its table number, each column's value and Δ vs paper.
 REFERENCE_FIELDS = ["paper_table", *[f"{kind}_{c}" for c in paper.COLUMNS for kind in ("paper", "delta_paper")]]
 
@@ -535,7 +636,8 @@ def csv_rows(table: dict[str, list[dict]]) -> list[dict]:
                     "every_schedule": row["every_schedule"], "n": row["n"],
                     "seeds": " ".join(map(str, row["seeds"])), "ramp_better": " ".join(row["ramp_better"]),
                     "status": " ".join(f"{s}={n}" for s, n in row["status"].items()),
-                    "runs": " ".join(r["path"] for r in row["runs"])}
+                    "runs": " ".join(r["path"] for r in row["runs"]), "final_drop_p": row["final_drop_p"],
+                    "eval": EVAL_SEPARATOR.join(r["eval"] for r in row["runs"] if r.get("eval"))}
             for c, (mean, ci) in row["columns"].items():
                 flat[c], flat[f"{c}_ci95"] = mean, ci
             vs = row["vs_none"] or {}
@@ -585,17 +687,35 @@ HEADER = ("Best epoch of each run (by its monitor). ± is a 95% t-interval over 
 
 
 
+def eval_line(table: dict[str, list[dict]]) -> str:
+    """report.md's line on where the commands that evaluate each run again are ('' when no run has one)."""
+    if not any(r.get("eval") for rows in table.values() for row in rows for r in row["runs"]):
+        return ""
+    return ("\nEvaluate a run again: the command of each run with a best checkpoint is in report.csv's `eval` "
+            "column and in report.json (`eval` of each run of a row).\n")
+
+
+def figures_text(figures: list[Path], notes: list[str]) -> str:
+    """report.md's figures: the notes on the ones not drawn, then each PNG (a PDF of it lies beside)."""
+    text = "".join(f"\n{note}\n" for note in notes)
+    if figures:
+        text += "\nEach figure is also a vector PDF beside its PNG (same name, `.pdf`).\n"
+    return text + "".join(f"\n![{p.stem}]({p.name})\n" for p in figures)
+
+
 def write_report(root: Path, table: dict[str, list[dict]], missing: list[dict], figures: list[Path],
                  columns: str, bootstrap: dict, reference: dict | None = None, statistics: str = "image",
-                 loss_epoch: str = "best") -> str:
+                 loss_epoch: str = "best", figure_notes: Iterable[str] = ()) -> str:
     """Write report.md (the column set ``columns``, the paper's tables if ``reference`` shows them, the figures
-    linked), report.csv and report.json into ``root``; return the markdown text."""
+    linked, ``figure_notes`` on those not drawn), report.csv and report.json into ``root``; return the markdown
+    text."""
     line = reference_line(reference)
     text = (f"# deeplab-dropout report: {root}\n" + ("" if line is None else f"{line}\n")
             + f"\n{header(statistics, loss_epoch)}\n\n"
             + format_table(table, columns, reference)
             + format_not_counted(missing)
-            + "".join(f"\n![{p.stem}]({p.name})\n" for p in figures))
+            + eval_line(table)
+            + figures_text(figures, list(figure_notes)))
     atomic_write(root / "report.md", lambda f: f.write(text.encode()))
     shown = reference is not None and reference["shown"]
     write_csv(root / "report.csv", csv_rows(table), CSV_FIELDS + REFERENCE_FIELDS if shown else CSV_FIELDS)

@@ -1,6 +1,9 @@
-"""`hydra/sweeper: study`: Hydra's basic sweeper (the cartesian product of the sweep parameters), each
-distinct run once, every job on a GPU of its own, and a failed job never stopping the others -- see
-deeplab_dropout.sweep for the rules and deeplab_dropout.gpus for the GPUs."""
+"""`hydra/sweeper: study`: Hydra's basic sweeper (the cartesian product of the sweep parameters), planned before
+any job starts (deeplab_dropout.plan: every job validated, its run dir's state, its estimated time), each distinct
+run once, every job on a GPU of its own, a line of progress after each job, and a failed job never stopping the
+others -- see deeplab_dropout.sweep for the rules and deeplab_dropout.gpus for the GPUs.
+
+This module is imported whenever Hydra starts (it scans hydra_plugins/): it imports no torch."""
 from __future__ import annotations
 
 import copy
@@ -15,9 +18,22 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from deeplab_dropout.sweep import SweepTask, drop_repeats, failure, failure_report, run_identity
+from deeplab_dropout.cli import EXIT_INPUT
+from deeplab_dropout.plan import (
+    PlannedJob,
+    SweepProgress,
+    compose_job,
+    errors,
+    format_plan,
+    job_overrides,
+    mark_repeats,
+    mark_states,
+    other_sweep,
+)
+from deeplab_dropout.progress import duration
+from deeplab_dropout.sweep import SweepTask, failure, failure_report
 
 log = logging.getLogger(__name__)
 
@@ -47,59 +63,84 @@ class ComposeOnceLoader(ConfigLoaderImpl):
 
 
 class StudySweeper(BasicSweeper):
-    """`hydra/sweeper: study` (the default): the basic sweeper's jobs, each distinct run once."""
+    """`hydra/sweeper: study` (the default): the basic sweeper's jobs, planned before any of them starts (every
+    job composed and validated, its run dir's state known; deeplab_dropout.plan), each distinct run once."""
 
-    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
+                 plan: bool = False) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
-        self._seen: dict[str, str] = {}
+        self.plan_only = plan
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         # Every launcher runs SweepTask: a GPU per job, and sys.exit in a job fails that job only.
         hydra_context = HydraContext(ComposeOnceLoader.wrap(hydra_context.config_loader), hydra_context.callbacks)
-        super().setup(hydra_context=hydra_context, task_function=SweepTask(task_function), config=config)
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def get_job_batch(self) -> Sequence[Sequence[str]]:
-        from deeplab_dropout.study import cell_name
+    def make_plan(self) -> list[PlannedJob]:
+        """Every job of every batch, composed, validated and with its run dir's state (nothing is written)."""
+        from deeplab_dropout.cli import describe
 
-        batch = super().get_job_batch()
-        identities = []
-        for overrides in batch:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(cfg):
-                del cfg["hydra"]
-            identities.append(run_identity(OmegaConf.to_container(cfg, resolve=True), cell_name(cfg)))
-        return drop_repeats(batch, identities, self._seen)
+        def compose(overrides: list[str]) -> DictConfig:
+            return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+
+        jobs = [compose_job(compose, job_overrides(overrides), describe)
+                for batch in self.overrides for overrides in batch]
+        mark_repeats(jobs)
+        if not errors(jobs):
+            mark_states(jobs)
+        return jobs
 
     def sweep(self, arguments: list[str]) -> Any:
-        """BasicSweeper.sweep, except that a failed job doesn't stop the sweep: every batch runs, then the
-        failed runs are listed (after the on_multirun_end callbacks, i.e. the report) and the process exits 1."""
+        """Plan every job first: an invalid one (or another sweep's runs in the folder) stops the sweep before
+        anything is made, in one line per bad job, exit 2; ``hydra.sweeper.plan=true`` prints the plan and exits.
+        Then launch the jobs to run; a failed job doesn't stop the others: they all run, then the failed runs are
+        listed (after the on_multirun_end callbacks, i.e. the report) and the process exits 1."""
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
-        self.overrides = self.split_arguments(overrides, self.max_batch_size)
-
+        self.overrides = self.split_arguments(overrides, None)
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        jobs = self.make_plan()
+        lines = errors(jobs)
+        rerun = bool(OmegaConf.select(self.config, "trainer.rerun", default=False))
+        if not lines and not rerun and sweep_dir.is_dir() and (refusal := other_sweep(sweep_dir, jobs)):
+            lines = [refusal]
+        if self.plan_only or lines:
+            if self.plan_only:
+                from deeplab_dropout.estimate import estimate_times  # torch and the models: only from here on
+
+                print(format_plan(jobs, sweep_dir, estimate_times(jobs)))
+            for line in lines:
+                print(f"error: {line}", file=sys.stderr)
+            sys.exit(EXIT_INPUT if lines else 0)
+
+        from deeplab_dropout.estimate import estimate_times
+
+        device = estimate_times(jobs)
+        to_run = [job for job in jobs if job.runs]
+        for job in jobs:
+            if not job.runs:
+                log.info("%s: %s", job.name, job.status)
+        log.info("sweep: %d jobs to run in %s (%d skipped), estimated %s on %s; hydra.sweeper.plan=true lists them",
+                 len(to_run), sweep_dir, len(jobs) - len(to_run), duration(sum(job.seconds or 0 for job in to_run)),
+                 device)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-
+        progress = SweepProgress([str(job.run_dir) for job in to_run])
+        self.launcher.task_function = SweepTask(self.launcher.task_function, progress.line)
         returns: list[Sequence[JobReturn]] = []
         failures: list[str] = []
-        n_jobs = 0
-        while not self.is_done():
-            batch = self.get_job_batch()
-            if not batch:  # every job of it repeats an earlier run
-                continue
-            # get_job_batch composed every job's config: a composition error has stopped the sweep there,
-            # before anything ran (what BasicSweeper's validate_batch_is_legal would compose a second time).
-            results = self.launcher.launch(batch, initial_job_idx=n_jobs)
+        size = self.max_batch_size or len(to_run) or 1
+        for start in range(0, len(to_run), size):
+            batch = [job.overrides for job in to_run[start:start + size]]
+            results = self.launcher.launch(batch, initial_job_idx=start)
             failures += [line for line in map(failure, results) if line is not None]
-            n_jobs += len(batch)
             returns.append(results)
 
         if failures:
             # Hydra calls on_multirun_end only when sweep() returns; the report comes before the list.
             self.hydra_context.callbacks.on_multirun_end(config=self.config,
                                                          config_name=self.config.hydra.job.config_name)
-            print(failure_report(failures, n_jobs), file=sys.stderr)
+            print(failure_report(failures, len(to_run)), file=sys.stderr)
             sys.exit(1)
         return returns

@@ -1,4 +1,5 @@
-"""`deeplab-dropout-data`: generate the VOC-format dataset (`synth`) and compute the class split (`split`)."""
+"""`deeplab-dropout-data`: generate the VOC-format dataset (`synth`) and compute the class split (`split`); the
+data code is imported once the arguments parse."""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from deeplab_dropout.cli import command
-from deeplab_dropout.config import YEARS
-from deeplab_dropout.data.split import SPLIT_METHODS, class_presence, compare_methods, make_split
-from deeplab_dropout.data.synth import generate
-from deeplab_dropout.data.voc import VOC_CLASSES
+from deeplab_dropout.config import SPLIT_METHODS, YEARS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--fraction", type=float, default=0.1, help="share of each class's images (default 0.1)")
     t.add_argument("--seed", type=int, default=0, help="split seed, >= 0 (data.split_seed; default 0)")
     t.add_argument("--split", default="train", help="ImageSets/Segmentation/<split>.txt (default train)")
+    t.add_argument("--cache-dir", default=None,
+                   help="data.cache_dir: where the manifest and the class-presence cache go (default: ROOT/splits "
+                   "where it can be written, else a per-user cache folder)")
     t.add_argument("--method", choices=SPLIT_METHODS, default="per_class",
                    help="data.split_method: per_class = seeded ceil(fraction·n_c) per class, union (default); "
                    "authors = floor per class, an image listed once per class that picked it; "
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_split(path, manifest: dict, comparison: list[dict]) -> None:
+    from deeplab_dropout.data.voc import VOC_CLASSES
+
     print(f"{'id':>3}  {'class':<12} {'n':>6} {'selected':>9}")
     for c, row in manifest["per_class"].items():
         print(f"{int(c):>3}  {VOC_CLASSES[int(c)]:<12} {row['n']:>6} {row['selected']:>9}")
@@ -59,6 +62,10 @@ def _print_split(path, manifest: dict, comparison: list[dict]) -> None:
 def run(argv: Sequence[str] | None = None) -> int:
     """The command on parsed arguments; bad data is a DatasetError (one line, exit 2 through ``command``)."""
     args = _parser().parse_args(argv)
+    # The data code (numpy, torch's Dataset) only once the arguments parse: --help is instant.
+    from deeplab_dropout.data.split import class_presence, compare_methods, make_split
+    from deeplab_dropout.data.synth import generate
+
     if args.command == "synth":
         root = generate(args.out, n_train=args.train, n_val=args.val, seed=args.seed,
                         min_side=args.min_side, max_side=args.max_side, year=args.year)
@@ -66,9 +73,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(root)
     else:
         path, manifest = make_split(args.root, fraction=args.fraction, seed=args.seed, split=args.split,
-                                    method=args.method, year=args.year)
+                                    cache_dir=args.cache_dir, method=args.method, year=args.year)
         # The presence index is cached next to the manifest, so the comparison reads no masks again.
-        presence = class_presence(args.root, args.split, year=args.year)
+        presence = class_presence(args.root, args.split, args.cache_dir, args.year)
         _print_split(path, manifest, compare_methods(presence, args.fraction, args.seed))
     return 0
 
