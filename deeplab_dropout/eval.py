@@ -108,6 +108,10 @@ def run_eval(cfg: DictConfig, run_dir: RunDir | Path, overrides: list[str] | Non
         cell = PRETRAINED_BASE_EVAL_ONLY
     log.info("evaluating %s (%s) on %d val images (%s crop)", cfg.checkpoint or cfg.model.name, cell,
              len(loader.dataset), cfg.data.val_crop)
+    status = RunDir(Path(str(cfg.checkpoint)).resolve().parent.parent).status() if saved is not None else None
+    if status not in (None, "completed"):  # the checkpoint of a run that has not finished
+        log.warning("its run is %s: these are the weights of its best epoch so far (epoch %s)", status,
+                    saved["epoch"])
     results = RunResults(run_dir.results, cell=cell, config=OmegaConf.to_container(cfg, resolve=True),
                          split=saved.get("split") if saved is not None else None, monitor=cfg.trainer.monitor)
     if saved is not None:

@@ -198,7 +198,10 @@ def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file: say which file, in one line
-        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = reason if len(reason) <= 100 else ""  # torch's own explanations run to a paragraph
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}"
+                          f"{': ' + reason if reason else ''}); give a checkpoints/best.pt or last.pt file") from e
 
 
 def load_run_checkpoint(path: Path, keys: tuple[str, ...] = ("model", "config", "cell", "epoch"),

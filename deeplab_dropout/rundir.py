@@ -39,7 +39,8 @@ from deeplab_dropout.study import cell_name
 
 RESULTS = Path("results.json")  # in the run dir
 RERUN_HINT = "trainer.rerun=true moves this run aside and starts again (nothing is deleted)"
-LOCK = Path(".lock")  # held (flock) by the process running in the run dir; it names that process
+LOCK = Path(".lock")
+PROCESS_GONE = "interrupted (process gone)"  # a run whose results.json says running but whose lock no one holds  # held (flock) by the process running in the run dir; it names that process
 log = logging.getLogger("deeplab_dropout")
 _held: dict[Path, int] = {}  # the run dirs this process holds: resolved path -> the lock file's descriptor
 
@@ -214,6 +215,15 @@ class RunDir:
         except (OSError, ValueError, AttributeError):
             return False
 
+    def status(self) -> str | None:
+        """results.json's status (None: none readable here), a ``running`` run that no live process holds shown
+        as PROCESS_GONE (killed outright; the next launch resumes it)."""
+        try:
+            status = json.loads(self.results.read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return PROCESS_GONE if status == "running" and not self.held_elsewhere() else status
+
     def held_elsewhere(self) -> bool:
         """Whether another live process holds this run dir (a ``running`` run whose lock is free: gone)."""
         if self.path.resolve() in _held:
@@ -253,8 +263,8 @@ class RunDir:
         earlier = self._earlier_results(cfg)
         if earlier is not None and earlier.data.get("status") == "completed":
             return "completed: skipped"
-        status = earlier.data.get("status") if earlier is not None else None
-        ended = " (interrupted: process gone)" if status == "running" else f" ({status})" if status else ""
+        status = self.status() if earlier is not None else None
+        ended = f" ({status})" if status else ""
         if self.last.exists():
             try:
                 saved = load_run_checkpoint(self.last, ("epoch", "config"), mmap=True)

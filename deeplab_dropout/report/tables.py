@@ -47,7 +47,6 @@ DELTA, UP, DOWN = "ΔmIoU vs none [95% CI]", "▲", "▼"
 NOT_COMPARABLE = "n/c"  # a paper column that does not measure what ours does
 FOOTNOTE = f"{MARK} the same run(s) in every table: without a regulariser the schedule changes nothing"
 ABSENT = "(unset)"
-GONE = "interrupted (process gone)"  # a run whose results.json says running but whose lock no process holds
 RAMP_MARK = "‡"  # a ramped schedule that ended below its dropout.p (``ramp_shortfall``)
 RAMP_TOLERANCE = 1e-9
 MAX_LABEL_KEYS = 3  # a row label lists at most this many distinguishing keys (else its sweep folder)
@@ -134,8 +133,8 @@ def load_runs(root: Path, unusable: list[dict] | None = None) -> list[dict]:
                                  "error": f"results.json: {problem}"})
             continue
         data.update(path=str(path.parent.relative_to(root)), dir=str(path.parent), eval=eval_command(path.parent))
-        if data["status"] == "running" and not RunDir(path.parent).held_elsewhere():
-            data["status"] = GONE  # killed (SIGKILL, a node lost): nothing runs there; the next launch resumes it
+        if data["status"] == "running":  # killed (SIGKILL, a lost node) if no live process holds it
+            data["status"] = RunDir(path.parent).status() or data["status"]
         runs.append(data)
     return runs
 
