@@ -222,3 +222,37 @@ def test_relaunching_a_completed_run_changes_no_byte_and_no_mtime(voc_root, tmp_
     again = train(voc_root, run_dir, "trainer.epochs=1")
     assert again.returncode == 0 and f"skipping {run_dir}: already completed" in again.stdout
     assert tree(run_dir) == before
+
+
+def test_a_changed_config_is_refused_naming_the_key_the_user_changed(voc_root, tmp_path):
+    from conftest import tiny_cfg
+    from omegaconf import OmegaConf
+
+    from deeplab_dropout.rundir import RunDir
+
+    ran = OmegaConf.to_container(tiny_cfg(voc_root, "trainer.epochs=3", "optim.schedule=cosine"), resolve=True)
+    (tmp_path / "results.json").write_text(json.dumps({"status": "failed", "config": ran, "history": []}))
+    # trainer.epochs also moves optim.t_max_epochs (derived from it): the message names the one the user changed.
+    with pytest.raises(ValueError) as refused:
+        RunDir(tmp_path).launch_state(tiny_cfg(voc_root, "trainer.epochs=5", "optim.schedule=cosine"))
+    assert str(refused.value) == (
+        f"{tmp_path / 'results.json'} was trained with a different config (trainer.epochs: 3 -> 5); give another "
+        "hydra.run.dir (hydra.sweep.dir for -m), or trainer.rerun=true to move that run aside and start again")
+
+
+def test_synth_removes_what_a_killed_generator_left_and_refuses_a_file(tmp_path):
+    from deeplab_dropout.data.synth import generate
+    from deeplab_dropout.data.voc import DatasetError
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no live process has now
+    (tmp_path / "VOCdevkit").mkdir()
+    abandoned = tmp_path / f".synth-{dead.pid}-abcd"
+    (abandoned / "VOCdevkit").mkdir(parents=True)
+    alive = tmp_path / f".synth-{os.getpid()}-efgh"  # a generator running now (this process) keeps its own
+    alive.mkdir()
+    generate(tmp_path, n_train=2, n_val=1, min_side=16, max_side=16)
+    assert not abandoned.exists() and alive.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DatasetError, match="file is not a folder"):
+        generate(tmp_path / "file", n_train=2, n_val=1)
