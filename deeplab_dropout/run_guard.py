@@ -34,6 +34,10 @@ class RunGuard(Callback):
     """Lock the run dir before anything is written there; leave a completed run's folder untouched."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "hydra.sweeper.plan", default=False):  # a plan asked for, a run about to start
+            print("error: hydra.sweeper.plan=true plans a multirun, and this is a single run; add -m to see its plan",
+                  file=sys.stderr)
+            raise SystemExit(EXIT_INPUT)
         run_dir = RunDir(Path(str(config.hydra.run.dir)))
         if run_dir.is_completed() and not OmegaConf.select(config, "trainer.rerun", default=False):
             write_nothing(config)

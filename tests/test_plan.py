@@ -170,3 +170,11 @@ def test_the_estimate_counts_the_images_and_flops_a_run_will_see(voc_root):
     one, two = (estimate_seconds(tiny_cfg(voc_root, f"trainer.epochs={e}", "trainer.max_train_steps=null",
                                           "trainer.max_val_images=null"), runtime) for e in (1, 2))
     assert two == pytest.approx(2 * one, rel=1e-9) and math.isfinite(one) and one > 0
+
+
+def test_plan_mode_on_a_single_run_says_to_add_m_and_makes_nothing(tmp_path):
+    proc = train("hydra.sweeper.plan=true", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: hydra.sweeper.plan=true plans a multirun, and this is a single run; add -m to see its plan"]
+    assert list(tmp_path.iterdir()) == []
