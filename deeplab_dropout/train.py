@@ -298,9 +298,8 @@ def run(cfg: DictConfig, run_dir: RunDir | Path) -> float:
                 keep = bool(cfg.trainer.keep_last) and state.saved_epoch != results.history[-1]["epoch"]
                 checkpoint(state, write_last=keep)
         except BaseException as e:
-            with shielded():  # a second Ctrl-C waits until the state a resume reads is consistent
+            with shielded():  # a second Ctrl-C is ignored until the state a resume reads is consistent
                 end_early(state, e)
-                tb.close()
             raise
         else:
             results.finish("completed", stopped_epoch=stopped)
