@@ -26,7 +26,6 @@ from deeplab_dropout.study import cell_name
 from deeplab_dropout.sweep import run_identity
 
 MULTIRUN_JOB = "hydra.mode=MULTIRUN"  # added to every job's overrides: a job of a sweep is one, whatever the preset
-SKIPPED = ("completed: skipped",)
 
 
 @dataclass

@@ -105,18 +105,16 @@ class StudySweeper(BasicSweeper):
         rerun = bool(OmegaConf.select(self.config, "trainer.rerun", default=False))
         if not lines and not rerun and sweep_dir.is_dir() and (refusal := other_sweep(sweep_dir, jobs)):
             lines = [refusal]
-        if self.plan_only or lines:
-            if self.plan_only:
-                from deeplab_dropout.estimate import estimate_times  # torch and the models: only from here on
-
-                print(format_plan(jobs, sweep_dir, estimate_times(jobs)))
-            for line in lines:
-                print(f"error: {line}", file=sys.stderr)
-            sys.exit(EXIT_INPUT if lines else 0)
-
-        from deeplab_dropout.estimate import estimate_times
+        if lines and not self.plan_only:
+            print("\n".join(f"error: {line}" for line in lines), file=sys.stderr)
+            sys.exit(EXIT_INPUT)
+        from deeplab_dropout.estimate import estimate_times  # torch and the models: only from here on
 
         device = estimate_times(jobs)
+        if self.plan_only:
+            print(format_plan(jobs, sweep_dir, device))
+            print("\n".join(f"error: {line}" for line in lines), file=sys.stderr, end="\n" if lines else "")
+            sys.exit(EXIT_INPUT if lines else 0)
         to_run = [job for job in jobs if job.runs]
         for job in jobs:
             if not job.runs:
