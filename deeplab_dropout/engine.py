@@ -151,7 +151,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch
         total_px += n_px
         seen += targets.shape[0]
         if log is not None:
-            log.step(epoch, step, loss.item(), optimizer.param_groups[0]["lr"], drop_p)
+            log.step(epoch, step, loss.detach(), optimizer.param_groups[0]["lr"], drop_p)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         p=f"{drop_p:.3f}", ips=f"{seen / (time.perf_counter() - start):.1f}")

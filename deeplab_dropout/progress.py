@@ -57,8 +57,9 @@ class RunProgress:
             return None
         return (time.perf_counter() - self.started) / done * (self.epochs * self.steps - it - 1)
 
-    def step(self, epoch: int, step: int, loss: float, lr: float, drop_p: float) -> None:
-        """After step ``step`` (0-based) of epoch ``epoch`` (0-based): a log line every ``log_every`` steps."""
+    def step(self, epoch: int, step: int, loss: torch.Tensor, lr: float, drop_p: float) -> None:
+        """After step ``step`` (0-based) of epoch ``epoch`` (0-based): a log line every ``log_every`` steps (only
+        then is ``loss``, a detached 0-d tensor on the device, read)."""
         self.it = epoch * self.steps + step
         if self.log_every <= 0 or (step + 1) % self.log_every != 0:
             return
@@ -66,7 +67,7 @@ class RunProgress:
         elapsed = time.perf_counter() - self.started
         rate = (it + 1 - self.first_it) * self.batch_size / elapsed
         log.info("epoch %d/%d  iter %d/%d  loss %.4f  lr %.2e  p %.3f  %.1f img/s  elapsed %s  eta %s  memory %s",
-                 epoch + 1, self.epochs, step + 1, self.steps, loss, lr, drop_p, rate, duration(elapsed),
+                 epoch + 1, self.epochs, step + 1, self.steps, loss.item(), lr, drop_p, rate, duration(elapsed),
                  duration(self.eta(it)), peak_memory(self.device))
 
     def epoch_summary(self, epoch: int, images: int, seconds: float) -> str:

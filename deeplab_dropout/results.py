@@ -67,13 +67,18 @@ def no_space(error: BaseException) -> OSError | None:
     return None
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` if it exists, else its nearest existing parent (what a write there would create below)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def free_space(path: str | os.PathLike) -> str:
     """The space left on the file system holding ``path`` (its nearest existing folder), e.g. ``12.3 MiB``."""
-    folder = Path(path)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
     try:
-        free = float(shutil.disk_usage(folder).free)
+        free = float(shutil.disk_usage(nearest_existing(path)).free)
     except OSError:
         return "unknown"
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -39,8 +39,8 @@ from deeplab_dropout.study import cell_name
 
 RESULTS = Path("results.json")  # in the run dir
 RERUN_HINT = "trainer.rerun=true moves this run aside and starts again (nothing is deleted)"
-LOCK = Path(".lock")
-PROCESS_GONE = "interrupted (process gone)"  # a run whose results.json says running but whose lock no one holds  # held (flock) by the process running in the run dir; it names that process
+LOCK = Path(".lock")  # held (flock) by the process running in the run dir; it names that process
+PROCESS_GONE = "interrupted (process gone)"  # a run whose results.json says running but whose lock no one holds
 log = logging.getLogger("deeplab_dropout")
 _held: dict[Path, int] = {}  # the run dirs this process holds: resolved path -> the lock file's descriptor
 
@@ -199,21 +199,25 @@ class RunDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunDirBusy(f"{self.path} is in use by {holder}; wait for it to end, or give another "
-                             "hydra.run.dir (hydra.sweep.dir for -m)") from None
+            raise self._busy() from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
         _held[key] = fd
 
+    def _busy(self) -> RunDirBusy:
+        """The error for a run dir another process holds, naming it from its lock file."""
+        try:
+            holder = (self.path / LOCK).read_text(errors="replace").strip()
+        except OSError:
+            holder = ""
+        return RunDirBusy(f"{self.path} is in use by {holder or 'another process'}; wait for it to end, or give "
+                          "another hydra.run.dir (hydra.sweep.dir for -m)")
+
     def is_completed(self) -> bool:
         """Whether results.json here says its run completed (read only: safe on read-only storage)."""
-        try:
-            return json.loads(self.results.read_text()).get("status") == "completed"
-        except (OSError, ValueError, AttributeError):
-            return False
+        return self.status() == "completed"
 
     def status(self) -> str | None:
         """results.json's status (None: none readable here), a ``running`` run that no live process holds shown
@@ -257,23 +261,22 @@ class RunDir:
         before its first checkpoint, or ``new (trainer.rerun=true moves the earlier run aside)``. Raises the
         ConfigError the launch would raise (another config's run here, trainer.resume=never over a run)."""
         if self.held_elsewhere():
-            raise RunDirBusy(f"{self.path} is in use by {(self.path / LOCK).read_text().strip()}")
+            raise self._busy()
         if cfg.trainer.rerun and self._leftovers():
             return "new (trainer.rerun=true moves the earlier run aside)"
         earlier = self._earlier_results(cfg)
         if earlier is not None and earlier.data.get("status") == "completed":
             return "completed: skipped"
-        status = self.status() if earlier is not None else None
-        ended = f" ({status})" if status else ""
+        status = self.status() if earlier is not None else None  # PROCESS_GONE for a killed run
         if self.last.exists():
             try:
                 saved = load_run_checkpoint(self.last, ("epoch", "config"), mmap=True)
             except ConfigError as e:
                 raise ConfigError(f"{e}; {RERUN_HINT}") from None
             check_resumable(saved["config"], OmegaConf.to_container(cfg, resolve=True), self.last)
-            return f"resumes after epoch {saved['epoch']}{ended}"
+            return f"resumes after epoch {saved['epoch']}" + (f" ({status})" if status else "")
         if earlier is not None:
-            return f"starts again{ended[:-1]} before its first checkpoint)"
+            return f"starts again ({status} before its first checkpoint)"
         return "new"
 
     def _earlier_results(self, cfg: DictConfig) -> RunResults | None:
@@ -295,7 +298,7 @@ class RunDir:
         return earlier
 
     def _leftovers(self) -> list[Path]:
-        """What an earlier run left here: everything but Hydra's ``.hydra/`` and log."""
+        """What an earlier run left here: everything but Hydra's ``.hydra/`` and log, and the lock."""
         if not self.path.is_dir():
             return []
         return [p for p in self.path.iterdir() if p.name not in (".hydra", LOCK.name) and p.suffix != ".log"]

@@ -32,7 +32,7 @@ import numpy as np
 
 from deeplab_dropout.config import SPLIT_METHODS
 from deeplab_dropout.data.voc import NUM_CLASSES, DatasetError, read_mask, read_split_ids, voc_dir
-from deeplab_dropout.results import write_json
+from deeplab_dropout.results import nearest_existing, write_json
 
 OBJECT_CLASSES = range(1, NUM_CLASSES)
 log = logging.getLogger("deeplab_dropout")
@@ -51,7 +51,7 @@ def cache_file(root: str | os.PathLike, cache_dir: str | os.PathLike | None, nam
     if cache_dir is not None:
         return Path(cache_dir).expanduser() / name
     beside = Path(root).expanduser() / "splits"
-    if (beside / name).is_file() or _writable(beside):
+    if (beside / name).is_file() or os.access(nearest_existing(beside), os.W_OK):
         return beside / name
     fallback = user_cache_dir(root)
     if fallback not in _announced:
@@ -66,15 +66,6 @@ def user_cache_dir(root: str | os.PathLike) -> Path:
     <the root's absolute path, its separators as underscores>."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "deeplab-dropout" / "splits" / str(Path(root).expanduser().resolve()).strip("/").replace("/", "_")
-
-
-def _writable(folder: Path) -> bool:
-    """Whether ``folder`` (or, if absent, its nearest existing parent) can be written."""
-    while not folder.exists():
-        if folder == folder.parent:
-            return False
-        folder = folder.parent
-    return os.access(folder, os.W_OK)
 
 
 def class_presence(root: str | os.PathLike, split: str = "train",
